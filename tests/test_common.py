@@ -1,0 +1,356 @@
+"""common.py: config parsing, colour conversion, augmentations, models, optimizers, evaluation, I/O."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+import torchvision.transforms.v2.functional as TF
+
+from conftest import ROOT, tiny
+
+import common
+import simclr
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def parse(argv):
+    return common.parse_config(simclr.Config, argv)
+
+
+def test_parse_config_types_and_values():
+    cfg = parse(["--batch_size=256", "--lr=0.3", "--dataset=synthetic", "--blur=true", "--resume"])
+    assert (cfg.batch_size, cfg.lr, cfg.dataset, cfg.blur, cfg.resume) == (256, 0.3, "synthetic", True, True)
+    assert isinstance(cfg.lr, float) and isinstance(cfg.batch_size, int)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_sise=256"], "did you mean --batch_size"),  # unknown key
+    (["--batch_size=abc"], "--batch_size expects an integer"),  # bad type
+    (["--blur=maybe"], "--blur expects true or false"),
+    (["--batch_size=-4"], "--batch_size=-4 is impossible"),  # impossible values
+    (["--dataset=imagenet"], "--dataset=imagenet is impossible"),
+    (["--temperature=0"], "--temperature must be > 0"),
+    (["--lr"], "--lr needs a value"),
+])
+def test_parse_config_errors_exit_2_with_one_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_batch_must_divide_world_size(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        parse(["--batch_size=512"])
+    assert "divisible by the 3 processes" in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_default_and_comment():
+    p = subprocess.run([sys.executable, "simclr.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0
+    for f in dataclasses.fields(simclr.Config):
+        line = next(line for line in p.stdout.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert str(f.default) in line and len(line.split(maxsplit=1)) == 2, line  # default, then a comment
+    assert "# optim" in p.stdout
+
+
+def test_config_is_read_only():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        simclr.Config().lr = 2.0
+
+
+# ----------------------------------------------------------------------------------------- colour
+
+
+def test_lab_known_colours():
+    rgb = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5]], dtype=torch.float32)
+    lab = common.rgb_to_lab(rgb.view(-1, 3, 1, 1)).view(-1, 3)
+    expected = torch.tensor([[100, 0, 0], [0, 0, 0], [53.24, 80.09, 67.20], [87.73, -86.18, 83.18],
+                             [32.30, 79.19, -107.86], [53.39, 0, 0]])  # standard sRGB/D65 values
+    torch.testing.assert_close(lab, expected, atol=0.02, rtol=0)
+
+
+def test_lab_round_trip_and_gamut():
+    x = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(common.lab_to_rgb(common.rgb_to_lab(x)), x, atol=1e-4, rtol=0)
+    far = torch.tensor([50.0, 120.0, -120.0]).view(1, 3, 1, 1)  # out of the sRGB gamut
+    assert common.lab_to_rgb(far, clamp=False).min() < 0 and common.lab_to_rgb(far).min() >= 0
+
+
+# ----------------------------------------------------------------------------------- augmentation
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(0)
+    return common.to_float(common.make_synthetic(64, 32, seed=3)[0])
+
+
+def test_augmentations_shapes_dtype_range(images):
+    ops = [lambda x: common.random_resized_crop(x, 24), common.random_flip,
+           lambda x: common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8), lambda x: common.random_grayscale(x, 0.5),
+           lambda x: common.gaussian_blur(x, 0.5), lambda x: common.solarize(x, 0.5)]
+    for op in ops:
+        y = op(images)
+        assert y.dtype == torch.float32 and y.shape[:2] == images.shape[:2]
+        assert y.min() >= -1e-6 and y.max() <= 1 + 1e-6
+    assert common.random_resized_crop(images, 24).shape == (64, 3, 24, 24)
+    view = simclr.simclr_view(common.make_synthetic(64, 32, seed=3)[0], simclr.Config(image_size=32))
+    assert view.shape == (64, 3, 32, 32) and view.dtype == torch.float32
+
+
+def test_random_resized_crop_is_per_sample(images):
+    flat = torch.ones(64, 1, 32, 32) * torch.linspace(0, 1, 32)  # horizontal ramp: a crop's mean tells its position
+    means = common.random_resized_crop(flat, 32).mean((1, 2, 3))
+    assert means.std() > 0.05  # different crops for different images
+    full = common.random_resized_crop(flat, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(full, flat, atol=1e-5, rtol=0)  # the whole image, resampled on its own grid
+
+
+def test_flip_grayscale_solarize_probabilities(images):
+    torch.manual_seed(1)
+    flipped = (common.random_flip(images) != images).flatten(1).any(1).float().mean()
+    gray = common.random_grayscale(images, 0.5)
+    is_gray = (gray[:, 0] == gray[:, 1]).flatten(1).all(1).float().mean()
+    assert 0.25 < flipped < 0.75 and 0.25 < is_gray < 0.75
+    assert torch.equal(common.solarize(images, 0.0), images)
+    torch.testing.assert_close(common.solarize(images, 1.0), torch.where(images >= 0.5, 1 - images, images))
+
+
+@pytest.mark.parametrize("op", ["brightness", "contrast", "saturation"])
+def test_color_jitter_matches_torchvision_per_image(images, op):
+    """One adjustment at a time: each image equals torchvision's op with that image's own factor."""
+    kwargs = {**dict(brightness=0, contrast=0, saturation=0, hue=0), op: 0.5}
+    y = common.color_jitter(images, **kwargs)
+    fn = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation}[op]
+    factors = []
+    for x_i, y_i in zip(images, y):  # recover the factor by a fine search, then compare whole images
+        grid = torch.linspace(0.5, 1.5, 1001)
+        errors = torch.stack([(fn(x_i, float(f)) - y_i).abs().max() for f in grid[::10]])
+        coarse = grid[::10][errors.argmin()]
+        fine = grid[(grid - coarse).abs() <= 0.011]
+        errors = torch.stack([(fn(x_i, float(f)) - y_i).abs().max() for f in fine])
+        assert errors.min() < 2e-3, (op, errors.min())
+        factors.append(fine[errors.argmin()])
+    assert torch.stack(factors).std() > 0.1  # factors are drawn per image, over [0.5, 1.5]
+
+
+def test_hue_matches_torchvision(images):
+    for shift in (-0.5, -0.2, 0.1, 0.45):
+        ours = common._adjust_hue(images, torch.full((64, 1, 1, 1), shift))
+        torch.testing.assert_close(ours, TF.adjust_hue(images, shift), atol=1e-5, rtol=0)
+
+
+def test_color_jitter_probability_and_order(images):
+    assert torch.equal(common.color_jitter(images, 0.4, 0.4, 0.4, 0.1, p=0.0), images)
+    changed = (common.color_jitter(images, 0.4, 0.4, 0.4, 0.1, p=1.0) - images).abs().flatten(1).amax(1) > 1e-3
+    assert changed.float().mean() > 0.95
+    # per-image random order: hue then saturation differs from saturation then hue; a batch of the
+    # same image, jittered with both, must show more than one order (different results)
+    same = images[:1].expand(256, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    out = common.color_jitter(same, 0, 0, 1e-6, 0.5)  # saturation ~ identity: only hue's slot varies
+    assert out.flatten(1).std(0).max() > 0.05  # shifts differ per image
+
+
+def test_gaussian_blur_per_sample_sigma(images):
+    torch.manual_seed(0)
+    noise = torch.rand(64, 3, 32, 32)
+    y = common.gaussian_blur(noise, p=1.0, sigma=(0.1, 2.0), kernel_size=9)
+    smoothness = (y[..., 1:] - y[..., :-1]).abs().mean((1, 2, 3))
+    assert smoothness.std() > 0.01  # sigma differs per image
+    assert torch.allclose(common.gaussian_blur(noise, p=0.0), noise, atol=1e-6)
+    assert common.gaussian_blur(noise, p=1.0).mean().sub(noise.mean()).abs() < 1e-3  # kernels sum to 1
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def test_resnet_cifar_stem_loads_into_torchvision():
+    net, width = common.resnet("resnet18", small_images=True)
+    assert width == 512 and net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    tv = torchvision.models.resnet18()
+    tv.conv1, tv.maxpool, tv.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    tv.load_state_dict(net.state_dict())  # strict: same keys, same shapes
+    net.eval(), tv.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(tv(x), net(x))
+    tiny_net, w = common.resnet("tiny")
+    assert tiny_net(torch.randn(2, 3, 32, 32)).shape == (2, w)
+
+
+# ---------------------------------------------------------------------------------- optimization
+
+
+def test_cosine_schedule_values():
+    lr = [common.cosine_lr(s, 100, 10, 1.0) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[10] == pytest.approx(1.0)
+    assert lr[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr[99] < 1e-3 and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert common.cosine_lr(100, 100, 10, 1.0, final_lr=0.2) == pytest.approx(0.2)
+
+
+def test_lars_step_values():
+    w = nn.Linear(4, 3)
+    with torch.no_grad():
+        w.weight.copy_(torch.arange(12.0).view(3, 4) / 10), w.bias.fill_(1.0)
+    w0, b0 = w.weight.detach().clone(), w.bias.detach().clone()
+    opt = common.LARS(common.param_groups(w, weight_decay=0.1), lr=0.5, momentum=0.9, eta=0.001)
+    g_w, g_b = torch.full((3, 4), 2.0), torch.full((3,), 3.0)
+    w.weight.grad, w.bias.grad = g_w.clone(), g_b.clone()
+    opt.step()
+    d = g_w + 0.1 * w0  # weight decay on the weights only
+    trust = 0.001 * w0.norm() / d.norm()
+    torch.testing.assert_close(w.weight.detach(), w0 - 0.5 * trust * d)
+    torch.testing.assert_close(w.bias.detach(), b0 - 0.5 * g_b)  # bias: no decay, no adaptation
+    w.weight.grad, w.bias.grad = g_w.clone(), g_b.clone()
+    opt.step()  # momentum: buf = 0.9 * buf + lr * trust * d
+    w1 = w0 - 0.5 * trust * d
+    d1 = g_w + 0.1 * w1
+    trust1 = 0.001 * w1.norm() / d1.norm()
+    torch.testing.assert_close(w.weight.detach(), w1 - (0.9 * 0.5 * trust * d + 0.5 * trust1 * d1))
+
+
+def test_ema_update():
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = [0.9 * pa.detach() + 0.1 * pb.detach() for pa, pb in zip(a.parameters(), b.parameters())]
+    common.ema_update(a, b, 0.9)
+    for p, e in zip(a.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+def test_knn_and_probe_on_separable_and_random_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 32, generator=g)
+    ytr, yte = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (500,), generator=g)
+    xtr, xte = centres[ytr] + 0.3 * torch.randn(2000, 32, generator=g), centres[yte] + 0.3 * torch.randn(500, 32, generator=g)
+    assert common.knn_accuracy(xtr, ytr, xte, yte) > 0.98
+    assert common.linear_probe(xtr, ytr, xte, yte, epochs=20) > 0.98
+    rtr, rte = torch.randn(2000, 32, generator=g), torch.randn(500, 32, generator=g)  # no information
+    assert abs(common.knn_accuracy(rtr, ytr, rte, yte) - 0.1) < 0.06
+    assert abs(common.linear_probe(rtr, ytr, rte, yte, epochs=20) - 0.1) < 0.06
+
+
+def test_knn_weighting_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.1]])
+    # votes: class 0: exp(cos0/T); class 1: exp(cos1/T) + exp(cos2/T), cos from the normalized query
+    q = test[0] / test[0].norm()
+    v0, v1 = math.exp(q @ train[0] / 0.5), math.exp(q @ train[1] / 0.5) + math.exp(q @ train[2] / 0.5)
+    assert common.knn_accuracy(train, labels, test, torch.tensor([0 if v0 > v1 else 1]), k=3, temperature=0.5) == 1.0
+    assert common.knn_accuracy(train, labels, test, torch.tensor([0]), k=1) == 1.0  # nearest is train[0]
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    x1, y1 = common.make_synthetic(1000, 32, seed=5)
+    common.make_synthetic.cache_clear()
+    x2, y2 = common.make_synthetic(1000, 32, seed=5)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.dtype == torch.uint8 and x1.shape == (1000, 3, 32, 32)
+    assert y1.bincount(minlength=10).min() > 60
+    assert not torch.equal(common.make_synthetic(1000, 32, seed=6)[0], x1)
+
+
+def test_missing_dataset_offline_is_one_clear_error(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(common, "_download", offline)
+    monkeypatch.delenv("SSL_DATA", raising=False)
+    cfg = tiny(simclr.Config, tmp_path, dataset="cifar100", data_dir=str(tmp_path / "nodata"))
+    os.makedirs(cfg.data_dir)
+    rt = common.setup(cfg)
+    with pytest.raises(common.RunError, match="--dataset=synthetic"):
+        common.load_data(cfg, rt)
+
+
+def test_folder_dataset_streams_fixed_size_batches(tmp_path):
+    for split in ("train", "val"):
+        for c in range(2):
+            os.makedirs(tmp_path / "tree" / split / f"class{c}")
+            for i in range(6):
+                img = (torch.rand(3, 40 + 7 * i, 50) * 255).to(torch.uint8)  # sizes differ
+                torchvision.io.write_png(img, str(tmp_path / "tree" / split / f"class{c}" / f"{i}.png"))
+    cfg = tiny(simclr.Config, tmp_path, dataset="folder", data_dir=str(tmp_path / "tree"), batch_size=4, subset=0,
+               image_size=28)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    assert data.steps_per_epoch == 3 and data.classes == ["class0", "class1"]
+    batches = list(data.steps(0, 4))
+    assert [s for s, _, _ in batches] == [0, 1, 2, 3]
+    x = batches[0][1]
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32)  # 28 * 8 / 7: room for the random crop
+    seen = torch.cat([y for _, _, y in batches[:3]])
+    assert sorted(seen.tolist()) == [0] * 6 + [1] * 6  # one epoch: every image once
+
+
+def test_steps_resume_mid_epoch_gives_the_same_batches(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, batch_size=64, subset=256)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    full = [(s, x.clone(), torch.rand(3)) for s, x, _ in data.steps(0, 7)]
+    part = [(s, x.clone(), torch.rand(3)) for s, x, _ in data.steps(5, 7)]
+    for (s1, x1, r1), (s2, x2, r2) in zip(full[5:], part):
+        assert s1 == s2 and torch.equal(x1, x2) and torch.equal(r1, r2)  # same images, same random draws
+    assert not torch.equal(full[0][1], full[4][1])  # epoch 2 reshuffles
+
+
+# ------------------------------------------------------------------------------------ bookkeeping
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, resume=True)
+    os.makedirs(cfg.out_dir)
+    with open(os.path.join(cfg.out_dir, "ckpt.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(common.RunError, match="unreadable"):
+        common.load_checkpoint(cfg, common.setup(cfg))
+
+
+def test_save_image_grid(tmp_path):
+    rows = [torch.rand(5, 3, 16, 16), torch.zeros(5, 3, 16, 16)]
+    common.save_image_grid(rows, str(tmp_path / "g.png"))
+    img = torchvision.io.read_image(str(tmp_path / "g.png"))
+    assert img.shape == (3, 2 * 18 + 2, 5 * 18 + 2)
+
+
+def test_gather_and_reduce_are_identity_on_one_process():
+    x = torch.randn(4, 3, requires_grad=True)
+    assert common.gather_with_grad(x) is x and common.all_reduce_sum(x) is x
+
+
+def test_config_and_source_copied_to_out_dir(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path)
+    common.setup(cfg)
+    assert json.load(open(os.path.join(cfg.out_dir, "config.json")))["arch"] == "tiny"
+    assert os.path.exists(os.path.join(cfg.out_dir, "simclr.py"))
+
+
+def test_npz_format_round_trip(tmp_path, monkeypatch):
+    """A <dataset>.npz in data_dir is read through the same path downloads write."""
+    x = np.random.default_rng(0).integers(0, 255, (100, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(100) % 10
+    np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=y, x_test=x[:20], y_test=y[:20])
+    monkeypatch.delenv("SSL_DATA", raising=False)
+    cfg = tiny(simclr.Config, tmp_path, dataset="cifar10", data_dir=str(tmp_path), subset=0, batch_size=10)
+    data = common.load_data(cfg, common.setup(cfg))
+    assert torch.equal(data.train[0][3], torch.from_numpy(x[3]).permute(2, 0, 1))
+    assert data.steps_per_epoch == 10 and data.classes[0] == "airplane"
