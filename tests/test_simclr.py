@@ -1,0 +1,171 @@
+"""simclr.py: the loss against hand computation, and the training loop's contract on CPU."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from conftest import cifar10_dir, tiny
+
+import common
+import simclr
+
+RESULT_KEYS = {"method", "dataset", "arch", "epochs", "steps", "knn_top1", "linear_top1", "train_seconds",
+               "images_per_second"}
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def test_nt_xent_hand_computed():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    z2 = torch.tensor([[1.0, 1.0], [3.0, -3.0]])
+    T = 0.5
+    u = [(a / math.hypot(a, b), b / math.hypot(a, b)) for a, b in [(1, 0), (0, 1), (1, 1), (1, -1)]]  # normalized: z1[0], z1[1], z2[0], z2[1]
+    cos = lambda a, b: a[0] * b[0] + a[1] * b[1]  # noqa: E731
+    total = 0.0
+    for i, pos in [(0, 2), (1, 3), (2, 0), (3, 1)]:
+        denom = sum(math.exp(cos(u[i], u[k]) / T) for k in range(4) if k != i)
+        total += -math.log(math.exp(cos(u[i], u[pos]) / T) / denom)
+    assert simclr.nt_xent_loss(z1, z2, T).item() == pytest.approx(total / 4, rel=1e-6)
+
+
+def test_nt_xent_equals_cross_entropy_with_positive_first():
+    torch.manual_seed(0)
+    z1, z2, T = torch.randn(8, 16), torch.randn(8, 16), 0.2
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    losses = []
+    for anchors, others in [(a, b), (b, a)]:  # each anchor: [positive, N-1 same-view negatives, N-1 other-view]
+        for i in range(8):
+            negatives = torch.cat([anchors[torch.arange(8) != i], others[torch.arange(8) != i]])
+            logits = torch.cat([(anchors[i] @ others[i]).view(1), negatives @ anchors[i]]) / T
+            losses.append(F.cross_entropy(logits.view(1, -1), torch.tensor([0])))
+    torch.testing.assert_close(simclr.nt_xent_loss(z1, z2, T), torch.stack(losses).mean())
+
+
+def test_nt_xent_identities():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+    loss = simclr.nt_xent_loss(z1, z2, 0.5)
+    torch.testing.assert_close(simclr.nt_xent_loss(z2, z1, 0.5), loss)  # symmetric in the two views
+    torch.testing.assert_close(simclr.nt_xent_loss(3 * z1, 0.1 * z2, 0.5), loss)  # scale-free (normalized inside)
+    # perfect alignment with orthogonal negatives: each anchor has 1 positive at cos 1, 2N-2 negatives at cos 0
+    e = torch.eye(6)
+    expected = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + 10))
+    assert simclr.nt_xent_loss(e, e, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, epochs=2, eval_every=1)
+    results = simclr.train(cfg)
+    assert set(results) == RESULT_KEYS and results["steps"] == 16 and 0 <= results["knn_top1"] <= 1
+    assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert all({"loss", "lr", "images_per_second", "eta_seconds", "z_std"} <= set(r) for r in steps)
+    assert any("knn_top1" in r and r["epoch"] == 1 for r in log)  # the kNN monitor ran after epoch 1
+    state = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert state["step"] == 16 and state["config"]["arch"] == "tiny"
+
+
+def test_resume_is_exact(tmp_path):
+    """8 steps straight == 4 steps, stop, resume to 8 (stops mid-epoch on purpose: 5 steps per epoch)."""
+    kw = dict(subset=320, epochs=2, eval_every=1, probe_epochs=0)
+    straight = tiny(simclr.Config, tmp_path / "a", max_steps=8, **kw)
+    simclr.train(straight)
+    simclr.train(tiny(simclr.Config, tmp_path / "b", max_steps=4, **kw))
+    resumed = tiny(simclr.Config, tmp_path / "b", max_steps=8, resume=True, **kw)
+    simclr.train(resumed)
+    a = torch.load(os.path.join(straight.out_dir, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed.out_dir, "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    m_a = a["opt"]["state"][0]["momentum_buffer"]
+    assert torch.equal(m_a, b["opt"]["state"][0]["momentum_buffer"])
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    simclr.train(tiny(simclr.Config, tmp_path, max_steps=2, probe_epochs=0))
+    with pytest.raises(common.RunError, match="temperature=0.5"):
+        simclr.train(tiny(simclr.Config, tmp_path, temperature=0.2, resume=True))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    real_loss = simclr.nt_xent_loss
+
+    def loss_that_diverges(z1, z2, temperature):  # the 11th step (1-based) returns NaN
+        calls.append(1)
+        loss = real_loss(z1, z2, temperature)
+        return loss * float("nan") if len(calls) >= 11 else loss
+
+    monkeypatch.setattr(simclr, "nt_xent_loss", loss_that_diverges)
+    cfg = tiny(simclr.Config, tmp_path, epochs=3, log_every=4)  # 8 steps per epoch
+    with pytest.raises(common.RunError, match="at step 11;"):
+        simclr.train(cfg)
+    state = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert state["step"] == 8  # the checkpoint of epoch 1, written before the NaN
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow  # bf16 is emulated on CPUs without AVX-512 BF16: ~10x slower than float32
+def test_bfloat16_autocast_on_cpu(tmp_path):
+    results = simclr.train(tiny(simclr.Config, tmp_path, dtype="bfloat16", max_steps=3, probe_epochs=0))
+    assert results["steps"] == 3 and math.isfinite(results["knn_top1"])
+
+
+@pytest.mark.slow
+def test_compiled_run_checkpoint_loads_into_plain_model(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, compile="true", max_steps=2, probe_epochs=0)
+    simclr.train(cfg)
+    state = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    assert not any("_orig_mod" in k for k in state["model"])
+    simclr.SimCLR("tiny", True, cfg.proj_dim).load_state_dict(state["model"])  # strict: no renaming
+
+
+@pytest.mark.slow
+def test_encoder_loads_into_torchvision_resnet18(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, arch="resnet18", subset=16, batch_size=8, max_steps=1, probe_epochs=0)
+    simclr.train(cfg)
+    # the two lines of the README
+    net = torchvision.models.resnet18()
+    net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
+    net.load_state_dict(torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True))
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+# ------------------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_cifar10_loads_through_the_user_path(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, dataset="cifar10", data_dir=cifar10_dir(), subset=0)
+    data = common.load_data(cfg, common.setup(cfg))
+    (xtr, ytr), (xte, yte) = data.train, data.test
+    assert xtr.shape == (50000, 3, 32, 32) and xte.shape == (10000, 3, 32, 32) and xtr.dtype == torch.uint8
+    assert ytr.bincount().tolist() == [5000] * 10 and yte.bincount().tolist() == [1000] * 10
+    assert data.classes[0] == "airplane" and data.steps_per_epoch == 50000 // 64
+
+
+@pytest.mark.slow
+def test_simclr_learns_on_cifar10(tmp_path):
+    """Fixed seed: 5,000 CIFAR-10 images, tiny trunk; test kNN must clearly beat the random init."""
+    cfg = tiny(simclr.Config, tmp_path, dataset="cifar10", data_dir=cifar10_dir(), subset=5000, batch_size=256,
+               epochs=3, lr=1.0, probe_epochs=0)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    init = simclr.SimCLR("tiny", True, cfg.proj_dim)
+    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
+    after = simclr.train(cfg)["knn_top1"]
+    print(f"kNN top-1 on CIFAR-10 test: random init {before:.4f}, after 3 epochs {after:.4f}")
+    assert after > before + 0.02
