@@ -363,8 +363,8 @@ def _load_arrays(name, root, rt):
         raise RunError(f"cannot read {path} ({e}); delete it to download again") from None
 
 
-def _decode(path, size):
-    """An image file -> uint8 (3, size, size): shorter side resized to size, centre crop."""
+def read_image(path, size):
+    """An image file -> uint8 (3, size, size) RGB: shorter side resized to size, centre crop."""
     img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
     img = torchvision.transforms.v2.functional.resize(img, size, antialias=True)
     return torchvision.transforms.v2.functional.center_crop(img, size)
@@ -383,7 +383,7 @@ class _Folder(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        return _decode(self.items[i][0], self.size), self.items[i][1]
+        return read_image(self.items[i][0], self.size), self.items[i][1]
 
 
 class Data:
@@ -410,8 +410,9 @@ class Data:
         """uint8 images and labels on the device for each row of indices."""
         s = getattr(self, split)
         if isinstance(s, tuple):
+            if torch.is_tensor(index_rows):  # a training epoch: one copy to the device, no sync per step
+                index_rows = index_rows.to(s[0].device)
             for idx in index_rows:
-                idx = idx.to(s[0].device)
                 yield s[0][idx], s[1][idx]
         else:
             workers = min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count()))

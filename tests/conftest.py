@@ -1,14 +1,22 @@
-"""Shared test helpers: tiny CPU configs, torchrun launcher, the real-data switch."""
+"""Shared test helpers: tiny CPU configs, torchrun launcher, the real-data switch, and the checks of
+the method-file contract (DESIGN.md) that every method's tests run the same way."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+METHODS = ["rotnet", "jigsaw", "context_pred", "colorization", "inpainting", "splitbrain", "simclr", "moco", "byol",
+           "simsiam", "barlow", "swav", "cpc", "mae", "clip"]
+RESULT_KEYS = {"method", "dataset", "arch", "epochs", "steps", "knn_top1", "linear_top1", "train_seconds",
+               "images_per_second"}
 
 
 def tiny(Config, tmp_path, **overrides):
@@ -19,7 +27,7 @@ def tiny(Config, tmp_path, **overrides):
     return Config(**{k: v for k, v in {**base, **overrides}.items() if k in fields or k in overrides})
 
 
-def torchrun(args, nproc=2, timeout=600, cwd=ROOT):
+def torchrun(args, nproc=2, timeout=900, cwd=ROOT):
     """Run `torchrun --standalone --nproc_per_node=nproc args` on CPU; return the completed process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
@@ -34,3 +42,79 @@ def cifar10_dir():
     if not os.path.exists(os.path.join(root, "cifar10.npz")):
         pytest.skip("real-data test: set SSL_DATA to a folder holding cifar10.npz (e.g. SSL_DATA=../shared/data)")
     return root
+
+
+def load_ckpt(cfg):
+    return torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+
+
+# ------------------------------------------------------------------------ the method-file contract
+
+
+def check_smoke_run(module, tmp_path, extra_keys=(), **overrides):
+    """2 epochs with the kNN monitor after each: log.jsonl, ckpt.pt and results.json as DESIGN.md says."""
+    cfg = tiny(module.Config, tmp_path, epochs=2, eval_every=1, **overrides)
+    results = module.train(cfg)
+    assert RESULT_KEYS | set(extra_keys) <= set(results), set(results)
+    assert results["method"] == module.__name__ and 0 <= results["knn_top1"] <= 1 and 0 <= results["linear_top1"] <= 1
+    assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert steps and steps[-1]["step"] == results["steps"]
+    assert all({"loss", "lr", "images_per_second", "eta_seconds"} <= set(r) for r in steps)
+    assert any("knn_top1" in r and r.get("epoch") == 1 for r in log)  # the kNN monitor ran after epoch 1
+    assert load_ckpt(cfg)["step"] == results["steps"]
+    for name in ("config.json", f"{module.__name__}.py"):
+        assert os.path.exists(os.path.join(cfg.out_dir, name))
+    return cfg, results
+
+
+def check_resume(module, tmp_path, **overrides):
+    """N steps straight == N/2 steps, stop (mid-epoch), resume to N: identical weights and state."""
+    kw = dict(subset=320, epochs=2, eval_every=1, probe_epochs=0, **overrides)
+    straight = tiny(module.Config, tmp_path / "a", max_steps=8, **kw)
+    module.train(straight)
+    module.train(tiny(module.Config, tmp_path / "b", max_steps=4, **kw))
+    resumed = tiny(module.Config, tmp_path / "b", max_steps=8, resume=True, **kw)
+    module.train(resumed)
+    a, b = load_ckpt(straight), load_ckpt(resumed)
+    assert a["step"] == b["step"] == 8
+    assert_same(a, b)
+
+
+def assert_same(a, b, path="ckpt"):
+    """Two checkpoints (nested dicts/lists of tensors and plain values) are identical."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            if k != "config":
+                assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def check_nan_guard(module, loss_name, monkeypatch, tmp_path, **overrides):
+    """A loss that turns NaN at the 11th step stops the run naming that step; the checkpoint of
+    epoch 1 (step 8) stays, with finite weights."""
+    calls = []
+    real_loss = getattr(module, loss_name)
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 11 else loss
+
+    monkeypatch.setattr(module, loss_name, diverging)
+    cfg = tiny(module.Config, tmp_path, epochs=3, log_every=4, **overrides)  # 8 steps per epoch
+    with pytest.raises(module.common.RunError, match="at step 11;"):
+        module.train(cfg)
+    state = load_ckpt(cfg)
+    assert state["step"] == 8
+    tensors = [v for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert tensors and all(torch.isfinite(v).all() for v in tensors)

@@ -10,14 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import cifar10_dir, tiny
+from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, tiny
 
 import common
 import simclr
-
-RESULT_KEYS = {"method", "dataset", "arch", "epochs", "steps", "knn_top1", "linear_top1", "train_seconds",
-               "images_per_second"}
-
 
 # ------------------------------------------------------------------------------------------- loss
 
@@ -64,34 +60,14 @@ def test_nt_xent_identities():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg = tiny(simclr.Config, tmp_path, epochs=2, eval_every=1)
-    results = simclr.train(cfg)
-    assert set(results) == RESULT_KEYS and results["steps"] == 16 and 0 <= results["knn_top1"] <= 1
-    assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results
+    cfg, results = check_smoke_run(simclr, tmp_path)
+    assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    steps = [r for r in log if "loss" in r]
-    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert all({"loss", "lr", "images_per_second", "eta_seconds", "z_std"} <= set(r) for r in steps)
-    assert any("knn_top1" in r and r["epoch"] == 1 for r in log)  # the kNN monitor ran after epoch 1
-    state = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
-    assert state["step"] == 16 and state["config"]["arch"] == "tiny"
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16] and "z_std" in log[0]
 
 
 def test_resume_is_exact(tmp_path):
-    """8 steps straight == 4 steps, stop, resume to 8 (stops mid-epoch on purpose: 5 steps per epoch)."""
-    kw = dict(subset=320, epochs=2, eval_every=1, probe_epochs=0)
-    straight = tiny(simclr.Config, tmp_path / "a", max_steps=8, **kw)
-    simclr.train(straight)
-    simclr.train(tiny(simclr.Config, tmp_path / "b", max_steps=4, **kw))
-    resumed = tiny(simclr.Config, tmp_path / "b", max_steps=8, resume=True, **kw)
-    simclr.train(resumed)
-    a = torch.load(os.path.join(straight.out_dir, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(resumed.out_dir, "ckpt.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 8
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    m_a = a["opt"]["state"][0]["momentum_buffer"]
-    assert torch.equal(m_a, b["opt"]["state"][0]["momentum_buffer"])
+    check_resume(simclr, tmp_path)
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -101,21 +77,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    calls = []
-    real_loss = simclr.nt_xent_loss
-
-    def loss_that_diverges(z1, z2, temperature):  # the 11th step (1-based) returns NaN
-        calls.append(1)
-        loss = real_loss(z1, z2, temperature)
-        return loss * float("nan") if len(calls) >= 11 else loss
-
-    monkeypatch.setattr(simclr, "nt_xent_loss", loss_that_diverges)
-    cfg = tiny(simclr.Config, tmp_path, epochs=3, log_every=4)  # 8 steps per epoch
-    with pytest.raises(common.RunError, match="at step 11;"):
-        simclr.train(cfg)
-    state = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
-    assert state["step"] == 8  # the checkpoint of epoch 1, written before the NaN
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    check_nan_guard(simclr, "nt_xent_loss", monkeypatch, tmp_path)
 
 
 @pytest.mark.slow  # bf16 is emulated on CPUs without AVX-512 BF16: ~10x slower than float32
