@@ -1,21 +1,9 @@
-"""Small, method-agnostic utilities shared by every nanossl method file.
+"""Small, method-agnostic utilities shared by every nanossl method file: config parsing, processes
+(torchrun or one), data as uint8 tensors, batched on-device augmentation, backbones, LARS and
+schedules, kNN / linear-probe evaluation, logging and checkpoints, sRGB <-> Lab.
 
-Nothing here is a self-supervised method: the methods (their heads, losses, views and training
-steps) live in their own files. This file holds what every one of them needs in the same way:
-
-    config       parse_config, check_config, RunError
-    processes    setup (torchrun / one process, device, precision, seeds, out_dir), Runtime,
-                 gather_with_grad, all_reduce_sum, sync_batchnorm, compile_and_ddp, cleanup
-    data         load_data -> Data (uint8 images on the device; .steps() yields training batches),
-                 make_synthetic
-    augmentation to_float, random_resized_crop, random_flip, color_jitter, random_grayscale,
-                 gaussian_blur, solarize, normalize   (batched, per-sample random parameters)
-    models       resnet
-    optimization param_groups, LARS, cosine_lr, set_lr, ema_update
-    evaluation   evaluate, extract_features, knn_accuracy, linear_probe
-    bookkeeping  Logger (progress line, log.jsonl, NaN guard), save_checkpoint, load_checkpoint,
-                 write_results, save_image_grid
-    colour       rgb_to_lab, lab_to_rgb
+Nothing here is a self-supervised method: heads, losses, views and training steps live in the
+method files, which read top to bottom without this one.
 """
 
 import contextlib
@@ -52,44 +40,28 @@ class RunError(Exception):
 # config
 
 
-def _field_comments(cls):
-    """{field: trailing comment} and section headers ('# data' lines) from the Config's source."""
-    comments, sections = {}, {}
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return comments, sections
-    header = None
-    for line in lines:
-        if m := re.match(r"\s*#\s*(.+)$", line):
-            header = m.group(1)
-        elif m := re.match(r"\s*(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line):
-            comments[m.group(1)] = (m.group(2) or "").strip()
-            if header:
-                sections[m.group(1)], header = header, None
-    return comments, sections
+def _help(Config):
+    """Print every field with its default and trailing comment (and the '# section' lines)."""
+    doc = (sys.modules[Config.__module__].__doc__ or "").strip().split("\n")[0]
+    print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   {doc}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for line in inspect.getsource(Config).splitlines():
+        if m := re.match(r"\s*# (.+)$", line):
+            print(f"\n  # {m.group(1)}")
+        elif (m := re.match(r"\s*(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)) and m.group(1) in defaults:
+            print(f"  {f'--{m.group(1)}={defaults[m.group(1)]}':<30} {m.group(2) or ''}")
 
 
 def _convert(name, kind, text):
-    """Turn the command-line string `text` into the type of field `name`."""
+    """The command-line string `text` as the type of field `name` (ValueError naming the key)."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
     try:
         if kind is bool:
-            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-            return value[text.lower()]
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is str:
-            return text
-        if getattr(kind, "__origin__", None) is tuple:  # tuple[float, float] <- "0.2,1.0"
-            return tuple(float(t) for t in text.split(","))
+            return words[text.lower()]
+        return tuple(float(t) for t in text.split(",")) if getattr(kind, "__origin__", None) is tuple else kind(text)
     except (KeyError, ValueError):
-        pass
-    else:
-        raise TypeError(f"field {name}: unsupported type {kind}")
-    expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, str(kind))
-    raise ValueError(f"--{name} expects {expected}, got {text!r}")
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, str(kind))
+        raise ValueError(f"--{name} expects {expected}, got {text!r}") from None
 
 
 def parse_config(Config, argv=None):
@@ -100,28 +72,21 @@ def parse_config(Config, argv=None):
     exits with status 2 before any work. It also makes RunError print as one line, not a traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    doc = (sys.modules[Config.__module__].__doc__ or "").strip().splitlines()
-    if any(a in ("-h", "--help") for a in argv):
-        comments, sections = _field_comments(Config)
-        print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   {doc[0] if doc else ''}")
-        for name, f in fields.items():
-            if name in sections:
-                print(f"\n  # {sections[name]}")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"  --{name}={default!s:<22} {comments.get(name, '')}")
+    if "-h" in argv or "--help" in argv:
+        _help(Config)
         sys.exit(0)
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
     overrides = {}
     try:
         for arg in argv:
             key, eq, text = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" (did you mean --{close[0]}?)" if close else ""
-                raise ValueError(f"unknown option {arg!r}{hint}; --help lists them all")
-            if not eq and fields[key].type is not bool:
+                raise ValueError(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else "") +
+                                 "; --help lists them all")
+            if not eq and fields[key] is not bool:
                 raise ValueError(f"--{key} needs a value: --{key}=...")
-            overrides[key] = _convert(key, fields[key].type, text) if eq else True
+            overrides[key] = _convert(key, fields[key], text) if eq else True
         cfg = Config(**overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -443,7 +408,7 @@ class Data:
         """This process's contiguous share of a labelled split, in order (for feature extraction)."""
         n, W = len(self._labels(split)), self.rt.world_size
         share = torch.arange(n).tensor_split(W)[self.rt.rank]
-        return self._batches(split, share.split(batch_size)), len(share)
+        return self._batches(split, share.split(batch_size))
 
 
 def load_data(cfg, rt):
@@ -690,28 +655,22 @@ def ema_update(target, online, momentum):
 
 @torch.no_grad()
 def extract_features(features, data, split, rt, flip=False, batch_size=512):
-    """features(uint8 batch) -> (B, D) for all of a split, shared out over processes and gathered.
+    """features(uint8 batch) -> (B, D) over a whole split, shared out over processes and gathered.
 
     Returns float32 (N, D) features and (N,) labels on every process; with flip, also the features
     of the horizontally flipped images (2N rows: originals first).
     """
-    batches, n_local = data.eval_batches(split, batch_size)
-    out, labels = [], []
-    for x, y in batches:
+    out = []
+    for x, _ in data.eval_batches(split, batch_size):
         with rt.autocast():
-            f = [features(x)] + ([features(x.flip(3))] if flip else [])
-        out.append(torch.stack(f).float())
-        labels.append(y)
-    feats, labels = torch.cat(out, 1), torch.cat(labels)  # (1 or 2, n_local, D)
-    if _distributed():  # equal-size pieces for all_gather, trimmed after
-        size = -(-len(data._labels(split)) // rt.world_size)
-        feats = F.pad(feats, (0, 0, 0, size - n_local))
-        labels = F.pad(labels, (0, size - n_local), value=-1)
-        fs, ls = [torch.empty_like(feats) for _ in range(rt.world_size)], [torch.empty_like(labels) for _ in range(rt.world_size)]
-        dist.all_gather(fs, feats)
-        dist.all_gather(ls, labels)
-        keep = torch.cat(ls) >= 0
-        feats, labels = torch.cat(fs, 1)[:, keep], torch.cat(ls)[keep]
+            out.append(torch.stack([features(x)] + ([features(x.flip(3))] if flip else [])).float())
+    feats = torch.cat(out, 1)  # (1 or 2, this process's share, D)
+    labels = data._labels(split).to(feats.device)
+    if _distributed():  # all_gather wants equal sizes: pad every share to the first (largest), trim after
+        sizes = [len(s) for s in torch.arange(len(labels)).tensor_split(rt.world_size)]
+        parts = [feats.new_empty(feats.shape[0], sizes[0], feats.shape[2]) for _ in sizes]
+        dist.all_gather(parts, F.pad(feats, (0, 0, 0, sizes[0] - feats.shape[1])))
+        feats = torch.cat([p[:, :k] for p, k in zip(parts, sizes)], 1)
     return feats.flatten(0, 1), labels.repeat(2 if flip else 1)
 
 
