@@ -1,0 +1,138 @@
+"""Benchmarks (a script, not a test): prints markdown tables, everything measured in one run.
+
+    python tests/bench.py                 # CPU rows; CUDA rows too when a GPU is visible
+    python tests/bench.py --quick         # fewer repetitions
+
+1. Augmentation throughput: common's batched SimCLR recipe (simclr.simclr_view) vs the same recipe
+   in torchvision.transforms.v2 applied image by image, as a DataLoader worker would (32 px).
+2. One SimCLR training step (two views, ResNet-18 + projector, NT-Xent, LARS) vs a bare ResNet-18
+   forward+backward on the same two views: the cost of everything that is not the backbone.
+3. On CUDA: SimCLR ResNet-18 at batch 512, bf16, compiled: images/s and model FLOPs utilisation.
+"""
+
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import simclr  # noqa: E402
+
+QUICK = "--quick" in sys.argv
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
+
+
+def timed(fn, device, repeat, warmup=2):
+    """Median seconds of fn() over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def augmentation(device, n=512):
+    """images/s of the batched recipe vs torchvision v2 per image (CPU only for the latter)."""
+    cfg = simclr.Config(image_size=32)
+    x = common.make_synthetic(n, 32, seed=0)[0].to(device)
+    batched = n / timed(lambda: simclr.simclr_view(x, cfg), device, 3 if QUICK else 10)
+    row = {"device": device.type, "batched": batched}
+    if device.type == "cpu":
+        s = cfg.jitter_strength
+        per_image = T.Compose([
+            T.RandomResizedCrop(32, scale=(cfg.crop_min, 1.0), antialias=True), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(0.2),
+            T.ToDtype(torch.float32, scale=True), T.Normalize(common.MEAN, common.STD)])
+        row["per_image"] = n / timed(lambda: torch.stack([per_image(img) for img in x]), device, 1 if QUICK else 3, 1)
+    return row
+
+
+def simclr_step_vs_backbone(device, batch, dtype=torch.float32, compile_model=False):
+    """Seconds of one full SimCLR step and of a bare backbone fwd+bwd on the same two views."""
+    cfg = simclr.Config(image_size=32)
+    torch.manual_seed(0)
+    raw = simclr.SimCLR("resnet18", True, cfg.proj_dim).to(device)
+    model = torch.compile(raw) if compile_model else raw
+    backbone = torch.compile(raw.backbone) if compile_model else raw.backbone
+    opt = common.LARS(common.param_groups(raw, cfg.weight_decay), lr=1.0)
+    x = common.make_synthetic(batch, 32, seed=0)[0].to(device)
+    views = torch.cat([simclr.simclr_view(x, cfg), simclr.simclr_view(x, cfg)])
+
+    def step():  # what train() does per step, minus logging
+        x1, x2 = simclr.simclr_view(x, cfg), simclr.simclr_view(x, cfg)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            z = model(torch.cat([x1, x2]))
+        loss = simclr.nt_xent_loss(*z.float().chunk(2), cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def bare():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            h = backbone(views)
+        raw.zero_grad(set_to_none=True)
+        h.float().sum().backward()
+
+    repeat = 2 if device.type == "cpu" else (10 if QUICK else 30)
+    return timed(step, device, repeat), timed(bare, device, repeat), raw, views
+
+
+def flops_per_step(raw, views):
+    """Model FLOPs of one forward+backward of the SimCLR model on both views (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        z = raw(views)
+        F.normalize(z, dim=1).sum().backward()
+    return counter.get_total_flops()
+
+
+def main():
+    cpu = torch.device("cpu")
+    devices = [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"# nanossl bench: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, CPU {platform.processor() or platform.machine()} "
+          f"x {os.cpu_count()} cores ({torch.get_num_threads()} threads), GPU {gpu}\n")
+
+    print("## 1. Augmentation (SimCLR CIFAR recipe, 512 images of 32 px)\n")
+    print("| device | batched on device (img/s) | torchvision v2 per image (img/s) | speed-up |")
+    print("|---|---|---|---|")
+    for d in devices:
+        r = augmentation(d)
+        per = r.get("per_image")
+        per_text, ratio = (f"{per:,.0f}", f"{r['batched'] / per:.1f}x") if per else ("n/a", "n/a")
+        print(f"| {d.type} | {r['batched']:,.0f} | {per_text} | {ratio} |")
+
+    print("\n## 2. SimCLR step vs bare ResNet-18 forward+backward (same two views)\n")
+    print("| device | batch (images) | SimCLR step (s) | bare backbone (s) | ratio |")
+    print("|---|---|---|---|---|")
+    step, bare, _, _ = simclr_step_vs_backbone(cpu, 64)
+    print(f"| cpu, float32 | 64 | {step:.3f} | {bare:.3f} | {step / bare:.3f} |")
+
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        step, bare, raw, views = simclr_step_vs_backbone(cuda, 512, torch.bfloat16, compile_model=True)
+        print(f"| cuda, bf16, compiled | 512 | {step:.4f} | {bare:.4f} | {step / bare:.3f} |")
+        flops = flops_per_step(raw, views)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+        mfu = f"{flops / step / (peak * 1e12):.1%}" if peak else "n/a (unknown peak)"
+        print("\n## 3. SimCLR ResNet-18 training throughput on CUDA (batch 512, bf16, compiled)\n")
+        print("| GPU | images/s | model TFLOP/s | MFU (bf16 dense peak) |")
+        print("|---|---|---|---|")
+        print(f"| {gpu} | {512 / step:,.0f} | {flops / step / 1e12:.1f} | {mfu} |")
+
+
+if __name__ == "__main__":
+    main()
