@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
 ARCHS = ("resnet18", "resnet34", "resnet50", "tiny")
@@ -293,10 +294,11 @@ def _download(name, root):
         sets = {s: torchvision.datasets.STL10(root, split=s, download=True) for s in ("train", "test", "unlabeled")}
         hwc = {s: d.data.transpose(0, 2, 3, 1) for s, d in sets.items()}
         return dict(x_train=hwc["train"], y_train=sets["train"].labels, x_test=hwc["test"],
-                    y_test=sets["test"].labels, x_unlabeled=hwc["unlabeled"])
+                    y_test=sets["test"].labels, x_unlabeled=hwc["unlabeled"], classes=np.array(sets["train"].classes))
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
-    return dict(x_train=tr.data, y_train=np.array(tr.targets), x_test=te.data, y_test=np.array(te.targets))
+    return dict(x_train=tr.data, y_train=np.array(tr.targets), x_test=te.data, y_test=np.array(te.targets),
+                classes=np.array(tr.classes))
 
 
 CLASS_NAMES = {
@@ -331,8 +333,7 @@ def _load_arrays(name, root, rt):
 def read_image(path, size):
     """An image file -> uint8 (3, size, size) RGB: shorter side resized to size, centre crop."""
     img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-    img = torchvision.transforms.v2.functional.resize(img, size, antialias=True)
-    return torchvision.transforms.v2.functional.center_crop(img, size)
+    return TF.center_crop(TF.resize(img, size, antialias=True), size)
 
 
 class _Folder(torch.utils.data.Dataset):
@@ -431,7 +432,9 @@ def load_data(cfg, rt):
             a = dict(zip(("x_train", "y_train"), make_synthetic(10_000, 32, seed=0)))
             a.update(zip(("x_test", "y_test"), make_synthetic(2_000, 32, seed=1)))
         else:
-            a = {k: torch.from_numpy(v) for k, v in _load_arrays(cfg.dataset, root, rt).items()}
+            arrays = _load_arrays(cfg.dataset, root, rt)
+            names = [str(c) for c in arrays.pop("classes", [])]  # written by the download; absent in hand-made files
+            a = {k: torch.from_numpy(v) for k, v in arrays.items()}
             a = {k: v.permute(0, 3, 1, 2).contiguous() if k.startswith("x") else v.long() for k, v in a.items()}
         dev = rt.device  # small sets live on the device: no loader, no host-device copies per step
         train = (a["x_train"][:n].to(dev), a["y_train"][:n].to(dev))
@@ -440,7 +443,7 @@ def load_data(cfg, rt):
         if "x_unlabeled" in a:  # STL-10: pretrain on train + 100k unlabeled, as its SSL protocol does
             x = torch.cat([a["x_train"], a["x_unlabeled"]])[:n].to(dev)
             pretrain = (x, torch.full((len(x),), -1, device=dev))
-        classes = CLASS_NAMES.get(cfg.dataset) or [str(i) for i in range(int(a["y_train"].max()) + 1)]
+        classes = CLASS_NAMES.get(cfg.dataset) or names or [str(i) for i in range(int(a["y_train"].max()) + 1)]
         data = Data(cfg.dataset, pretrain, train, test, classes, rt, cfg.batch_size, cfg.seed)
     print0(f"data: {cfg.dataset} | pretrain {len(data._labels('pretrain'))} | train {len(data._labels('train'))} | "
            f"test {len(data._labels('test'))} | {len(data.classes)} classes | {data.steps_per_epoch} steps per epoch")

@@ -354,3 +354,11 @@ def test_npz_format_round_trip(tmp_path, monkeypatch):
     data = common.load_data(cfg, common.setup(cfg))
     assert torch.equal(data.train[0][3], torch.from_numpy(x[3]).permute(2, 0, 1))
     assert data.steps_per_epoch == 10 and data.classes[0] == "airplane"
+
+
+def test_read_image_in_a_fresh_process(tmp_path):
+    """common alone must import what read_image needs (an earlier bug hid behind the tests' imports)."""
+    torchvision.io.write_png((torch.rand(3, 40, 50) * 255).to(torch.uint8), str(tmp_path / "x.png"))
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import common; print(tuple(common.read_image({str(tmp_path / 'x.png')!r}, 32).shape))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stdout.strip() == "(3, 32, 32)", p.stderr
