@@ -1,0 +1,293 @@
+"""SwAV: swapping assignments between views (unsupervised learning of visual features by
+contrasting cluster assignments).
+
+Caron, Misra, Mairal, Goyal, Bojanowski, Joulin. NeurIPS 2020. arXiv:2006.09882.
+
+Online clustering instead of pairwise comparison. Each crop of an image is encoded, projected and
+L2-normalized to z; its scores against K learnable prototypes c_k (unit vectors) are the cosines
+c_k . z. The codes q of the two global crops, soft assignments of the batch to the prototypes, are
+computed without gradient by a few Sinkhorn-Knopp iterations that spread the batch equally over
+the prototypes (equipartition, paper Sec. 3.1): this is what prevents collapse. Then the
+code of each global crop is predicted from every other crop of the same image, by a softmax over
+the prototype scores at temperature tau ("swapped prediction", Eq. 1 and 2). Multi-crop (Sec. 3.2)
+adds small low-resolution crops that are only predictors, never targets. With small batches, a
+queue of features of earlier batches joins the batch when the codes are computed (their scores
+only, no gradient). The prototypes are frozen for the first epoch and put back on the unit sphere
+after every step. Under DDP the Sinkhorn sums over the batch are summed over processes, so the
+codes are those of the global batch. After training, h = f(x) is the representation.
+
+    python swav.py                                               # 1 GPU: CIFAR-10, the recipe below
+    torchrun --standalone --nproc_per_node=8 swav.py             # 8 GPUs, same global batch of 256
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 swav.py
+    python swav.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
+
+The paper has no CIFAR recipe. CIFAR-10 defaults: the official small-batch recipe
+(scripts/swav_200ep_bs256_pretrain.sh: batch 256, LARS with trust coefficient 1e-3 and no clipping,
+lr 0.6, final lr 0.0006, weight decay 1e-6, 3000 prototypes, 128-d features, 2048 hidden, epsilon
+0.05, 3 Sinkhorn iterations, temperature 0.1, queue 3840) at the scale of solo-learn's CIFAR-10 SwAV
+(scripts/pretrain/cifar/swav.yaml and augmentations/symmetric.yaml: ResNet-18 with CIFAR stem, 1000
+epochs, 10 warmup epochs, queue used from epoch 50, two 32 px crops, colour strength 1 and blur
+p=0.5), for which solo-learn reports 89.17% linear top-1 (its online classifier). solo-learn's LARS
+clips the per-layer lr (trust coefficient 0.02) and freezes the prototypes for 2 epochs; the paper
+freezes them for 1. No small crops by default: solo-learn's and lightly's CIFAR recipes use none,
+and a small crop of 5-14% of a 32 px image is a patch of 7-12 pixels a side; `--n_small_crops=6`
+adds 16 px ones (the paper's 96/224 of the global side). ImageNet (paper): `--arch=resnet50
+--image_size=224 --n_small_crops=6 --small_crop_size=96 --batch_size=4096 --lr=0.3 --queue_size=0`.
+Results of this file: not yet measured (see README).
+Evaluated features: the backbone's pooled output h (512-d for ResNet-18); the probe trains on
+frozen h of the un-augmented training images and their flips.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
+    data_dir: str = "./data"  # folder of <dataset>.npz (downloaded there if missing); $SSL_DATA replaces this default
+    out_dir: str = "out/swav"  # config.json, log.jsonl, ckpt.pt, encoder.pt, results.json
+    subset: int = 0  # train on the first N training images only (0 = all)
+    image_size: int = 32  # side of the 2 global crops (96 for STL-10, 224 for ImageNet)
+    # model
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
+    proj_hidden: int = 2048  # hidden width of the projection head (official code)
+    proj_dim: int = 128  # output width: features and prototypes live on this unit sphere
+    n_prototypes: int = 3000  # K, the number of prototypes (paper, ImageNet and solo-learn CIFAR)
+    # method
+    temperature: float = 0.1  # tau of the swapped-prediction softmax (paper)
+    epsilon: float = 0.05  # entropy regularization of the Sinkhorn codes (paper)
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (paper)
+    freeze_prototypes_epochs: int = 1  # the prototypes get no update in these first epochs (paper; solo-learn: 2)
+    queue_size: int = 3840  # features of earlier batches used in the codes, global (0 = none); a multiple of the batch
+    queue_start_epoch: int = 50  # the queue joins the codes from this epoch on (solo-learn CIFAR; 15 on ImageNet)
+    crop_min: float = 0.14  # global crops cover area fractions (crop_min, 1) (paper)
+    n_small_crops: int = 0  # small crops per image (0 at 32 px, see above; 6 on ImageNet)
+    small_crop_size: int = 16  # side of the small crops (96 on ImageNet)
+    small_crop_min: float = 0.05  # small crops cover area fractions (small_crop_min, crop_min) (paper)
+    blur: bool = True  # Gaussian blur with p=0.5 on every crop (official code, solo-learn CIFAR)
+    # optim
+    epochs: int = 1000  # passes over the training images
+    max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
+    batch_size: int = 256  # global batch, split across processes
+    lr: float = 0.6  # LARS base lr per 256 images, scaled linearly with the batch
+    weight_decay: float = 1e-6  # on weights only (not biases and BN)
+    warmup_epochs: int = 10  # linear warmup, then cosine decay to lr / 1000
+    # eval
+    eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
+    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    # system
+    seed: int = 0  # weights, data order and augmentations
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+    compile: str = "auto"  # torch.compile the model: auto (on CUDA only) | true | false
+    log_every: int = 50  # steps between progress lines
+    resume: bool = False  # continue from out_dir/ckpt.pt
+
+    def __post_init__(self):
+        common.check_config(self)
+        checks = [
+            ("temperature", self.temperature > 0, "positive"),
+            ("epsilon", self.epsilon >= 0.03, "at least 0.03: exp(+-1/epsilon) of cosines must stay in float32's range"),
+            ("sinkhorn_iters", self.sinkhorn_iters >= 1, "at least 1"),
+            ("n_prototypes", self.n_prototypes >= 1, "at least 1"),
+            ("queue_size", self.queue_size >= 0, "0 (no queue) or more"),
+            ("queue_size", self.queue_size % self.batch_size == 0, f"a multiple of --batch_size={self.batch_size}"),
+            ("crop_min", 0 < self.crop_min <= 1, "in (0, 1]"),
+            ("small_crop_min", 0 < self.small_crop_min <= self.crop_min, "in (0, crop_min]"),
+            ("n_small_crops", self.n_small_crops >= 0, "0 or more"),
+            ("small_crop_size", self.small_crop_size >= 8, "at least 8"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"--{key}={getattr(self, key)} is impossible: it must be {expected}")
+
+
+# -------------------------------------------------------------------------------------------------
+# views
+
+
+def distort(x, blur):
+    """SimCLR's colour distortion at strength 1 (+ blur with p=0.5), as the official multi-crop data."""
+    x = common.random_flip(x)
+    x = common.color_jitter(x, 0.8, 0.8, 0.8, 0.2, p=0.8)
+    x = common.random_grayscale(x, p=0.2)
+    if blur:
+        x = common.gaussian_blur(x, p=0.5)
+    return common.normalize(x)
+
+
+def swav_views(x, cfg):
+    """Multi-crop (paper Sec. 3.2): uint8 (B,3,H,W) -> 2 global crops (2B,3,S,S) and n_small_crops
+    small ones (nB,3,s,s) or None, crop-major (rows [vB, (v+1)B) are crop v of the B images)."""
+    x = common.to_float(x)
+    big = common.random_resized_crop(x.repeat(2, 1, 1, 1), cfg.image_size, scale=(cfg.crop_min, 1.0))
+    if not cfg.n_small_crops:
+        return distort(big, cfg.blur), None
+    small = common.random_resized_crop(x.repeat(cfg.n_small_crops, 1, 1, 1), cfg.small_crop_size,
+                                       scale=(cfg.small_crop_min, cfg.crop_min))
+    return distort(big, cfg.blur), distort(small, cfg.blur)
+
+
+# -------------------------------------------------------------------------------------------------
+# model
+
+
+class SwAV(nn.Module):
+    """Encoder f (ResNet), projection head g and K prototypes: crops -> (z on the unit sphere, scores)."""
+
+    def __init__(self, arch, small_images, proj_hidden, proj_dim, n_prototypes):
+        super().__init__()
+        self.backbone, width = common.resnet(arch, small_images)
+        # g: 2-layer MLP with BN (official code)
+        self.projector = nn.Sequential(
+            nn.Linear(width, proj_hidden), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
+            nn.Linear(proj_hidden, proj_dim))
+        # the prototypes c_k are the rows of a bias-free linear layer: scores = z @ C.T; unit rows from the start
+        self.prototypes = nn.Linear(proj_dim, n_prototypes, bias=False)
+        with torch.no_grad():
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def forward(self, x_big, x_small=None):
+        # one backbone pass per resolution, as the official code; BN statistics per resolution
+        h = self.backbone(x_big) if x_small is None else torch.cat([self.backbone(x_big), self.backbone(x_small)])
+        z = F.normalize(self.projector(h), dim=1)  # (V*B, proj_dim) on the unit sphere
+        return z, self.prototypes(z)  # scores (V*B, K): cosines c_k . z
+
+
+# -------------------------------------------------------------------------------------------------
+# loss
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon, n_iters):
+    """Codes Q of a batch by Sinkhorn-Knopp (paper Sec. 3.1; the official distributed_sinkhorn).
+
+    scores: (B, K) cosines of this process's B features (the queue's included) to the K prototypes.
+    Returns (B, K) float32 codes, no gradient: Q = diag(u) exp(scores / epsilon) diag(v) with each
+    row summing to 1 (a soft assignment of the sample) and each column summing to about N / K over
+    the global batch of N rows (equipartition; exact in the limit of many iterations). Under DDP the
+    column sums are summed over processes, so each process gets its rows of the codes that one
+    process would compute on the global batch. The constant normalizations of the official code
+    (1/K, 1/N, the total) cancel out and are left out. Scores must be cosines: exp(+-1/epsilon)
+    stays in float32's range for epsilon >= 0.03.
+    """
+    q = torch.exp(scores.detach().float() / epsilon)  # (B, K)
+    for _ in range(n_iters):
+        q = q / common.all_reduce_sum(q.sum(0, keepdim=True))  # (B, K): every prototype gets the same total over the GLOBAL batch
+        q = q / q.sum(1, keepdim=True)  # (B, K): every sample's code sums to 1
+    return q
+
+
+def swav_loss(scores, codes, temperature):
+    """Swapped prediction (paper Eq. 1 and 2), averaged over the pairs of crops and the batch.
+
+    scores: (V, B, K) prototype scores of V crops of the same B images, the first 2 the global
+    crops; codes: (2, B, K) Sinkhorn codes of the 2 global crops (targets, no gradient). The code
+    of global crop i is predicted from every other crop v != i: cross-entropy between q_i and
+    softmax(scores_v / temperature). Computed in float32.
+    """
+    V = scores.shape[0]
+    logits = scores.float() / temperature  # (V, B, K)
+    loss = 0.0
+    for i in range(2):
+        others = [v for v in range(V) if v != i]
+        # soft targets: -sum_k q_ik log softmax(scores_v / tau)_k, mean over the (V - 1) * B predictions
+        loss = loss + F.cross_entropy(logits[others].flatten(0, 1), codes[i].repeat(V - 1, 1))
+    return loss / 2
+
+
+# -------------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg: Config) -> dict:
+    rt = common.setup(cfg)  # processes, device, precision, seed, out_dir
+    data = common.load_data(cfg, rt)  # uint8 images; small datasets live on the device
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps or total_steps)
+    lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (lr per 256 images)
+    B, V = data.batch, 2 + cfg.n_small_crops  # this process's images per step, crops per image
+    freeze_steps = cfg.freeze_prototypes_epochs * steps_per_epoch  # paper: prototypes frozen in the first epoch
+    # the queue fills from the start; from queue_start on (once it is full) its features join the codes
+    queue_start = max(cfg.queue_start_epoch * steps_per_epoch, cfg.queue_size // cfg.batch_size)
+    common.print0(f"swav: {total_steps} steps, LARS lr {lr:.3g}, {cfg.n_prototypes} prototypes, {V} crops, "
+                  f"queue {cfg.queue_size} from step {queue_start if cfg.queue_size else '-'}")
+
+    raw_model = SwAV(cfg.arch, cfg.image_size <= 64, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes)
+    raw_model = common.sync_batchnorm(raw_model.to(rt.device), rt)
+    model = common.compile_and_ddp(raw_model, rt)
+    opt = common.LARS(common.param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9)
+    # this process's queue: (2 global crops, queue_size / world, proj_dim), newest features first
+    queue = torch.zeros(2, cfg.queue_size // rt.world_size, cfg.proj_dim, device=rt.device)
+    start_step = 0
+    if state := common.load_checkpoint(cfg, rt):
+        raw_model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        # the checkpoint holds every process's queue (W, 2, Q/W, D): take this process's share
+        queue.copy_(state["queue"].transpose(0, 1).flatten(1, 2).tensor_split(rt.world_size, 1)[rt.rank])
+        start_step = state["step"]
+
+    def features(x):  # the representation h = f(x) of un-augmented uint8 images
+        return raw_model.backbone(common.normalize(common.to_float(x)))
+
+    log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
+        lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr, final_lr=lr / 1000)
+        common.set_lr(opt, lr_now)
+        x_big, x_small = swav_views(x, cfg)  # (2B, 3, S, S), (n_small * B, 3, s, s) or None
+        with rt.autocast():
+            z, scores = model(x_big, x_small)  # (V*B, proj_dim), (V*B, K)
+        scores = scores.float().view(V, B, -1)  # (V, B, K)
+        with torch.no_grad():  # codes of the 2 global crops: targets only
+            codes = []
+            for i in range(2):
+                s = scores[i]  # (B, K)
+                if cfg.queue_size and step >= queue_start:  # the queue's scores against the current prototypes
+                    s = torch.cat([s, queue[i] @ raw_model.prototypes.weight.float().T])  # (B + Q/W, K)
+                codes.append(sinkhorn(s, cfg.epsilon, cfg.sinkhorn_iters)[:B])  # Sinkhorn sums span all processes
+            codes = torch.stack(codes)  # (2, B, K)
+        loss = swav_loss(scores, codes, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < freeze_steps:
+            raw_model.prototypes.weight.grad = None  # frozen prototypes: no step, no momentum, no weight decay
+        opt.step()
+        with torch.no_grad():  # after the step: prototypes back on the unit sphere, newest features into the queue
+            raw_model.prototypes.weight.copy_(F.normalize(raw_model.prototypes.weight, dim=1))
+            if cfg.queue_size:
+                queue = torch.cat([z[:2 * B].detach().float().view(2, B, -1), queue[:, :-B]], 1)  # drop the oldest B
+        z_std = z[:B].detach().float().std(0).mean()  # collapse monitor: ~1/sqrt(D) healthy, 0 collapsed
+        log.step(step, loss=loss, lr=lr_now, z_std=z_std)
+
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == stop_step:  # end of an epoch, or of the run
+            with log.paused():
+                epoch = (step + 1) // steps_per_epoch
+                if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
+                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+                common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                    "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                    "queue": common.gather_with_grad(queue[None]),  # every process's queue: (W, 2, Q/W, D)
+                    "config": dataclasses.asdict(cfg)}, rt)
+
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
+        torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
+    results = {"method": "swav", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
+               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1)}
+    common.write_results(results, cfg, rt)
+    common.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    train(common.parse_config(Config))

@@ -1,0 +1,134 @@
+"""barlow.py: the loss against hand computation and its identities, the 2-process equality, and the
+training loop's contract on CPU."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+
+import barlow
+import common
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def test_barlow_twins_loss_hand_computed():
+    # N = 3 images, D = 2 dimensions; columns standardized by hand with the biased std (as BatchNorm1d)
+    z1 = [[1.0, 2.0], [2.0, 0.0], [6.0, 1.0]]
+    z2 = [[0.0, 1.0], [1.0, 1.0], [1.0, 4.0]]
+    lambd, N, eps = 0.5, 3, 1e-5
+
+    def standardized(z, j):
+        col = [row[j] for row in z]
+        mean = sum(col) / N
+        var = sum((v - mean) ** 2 for v in col) / N
+        return [(v - mean) / math.sqrt(var + eps) for v in col]
+
+    a = [standardized(z1, j) for j in range(2)]
+    b = [standardized(z2, j) for j in range(2)]
+    C = [[sum(a[i][n] * b[j][n] for n in range(N)) / N for j in range(2)] for i in range(2)]
+    expected = (1 - C[0][0]) ** 2 + (1 - C[1][1]) ** 2 + lambd * (C[0][1] ** 2 + C[1][0] ** 2)
+    loss = barlow.barlow_twins_loss(torch.tensor(z1), torch.tensor(z2), lambd)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_barlow_twins_loss_equals_batchnorm_formulation():
+    """The official code's form: BatchNorm1d(affine=False) in training mode, C = bn(z1).T bn(z2) / N."""
+    torch.manual_seed(0)
+    z1, z2, lambd = torch.randn(32, 16), torch.randn(32, 16), 5e-3
+    bn = torch.nn.BatchNorm1d(16, affine=False)
+    c = bn(z1).T @ bn(z2) / 32
+    off = c - torch.diag(torch.diagonal(c))
+    expected = (torch.diagonal(c) - 1).pow(2).sum() + lambd * off.pow(2).sum()
+    torch.testing.assert_close(barlow.barlow_twins_loss(z1, z2, lambd), expected)
+
+
+def test_barlow_twins_loss_identities():
+    # identical views whose dimensions are already standardized and decorrelated: C = I, loss 0
+    z = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])  # orthogonal columns
+    assert barlow.barlow_twins_loss(z, z, 0.5).item() == pytest.approx(0.0, abs=1e-4)  # eps of the BN only
+    # a perfectly correlated pair of dimensions costs lambd * 2 * 1^2 exactly (both off-diagonal entries are 1)
+    zc = torch.stack([z[:, 0], z[:, 0]], 1)
+    assert barlow.barlow_twins_loss(zc, zc, 0.5).item() == pytest.approx(0.5 * 2, rel=1e-4)
+    # invariant to a per-dimension affine map of either view (standardized inside), symmetric in the views
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(64, 8), torch.randn(64, 8)
+    loss = barlow.barlow_twins_loss(z1, z2, 5e-3)
+    scale, shift = torch.rand(8) * 5 + 0.5, torch.randn(8) * 10
+    torch.testing.assert_close(barlow.barlow_twins_loss(z1 * scale + shift, z2, 5e-3), loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(barlow.barlow_twins_loss(z2, z1, 5e-3), loss)
+
+
+def test_barlow_twins_loss_gradient_vanishes_at_optimum_only():
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], requires_grad=True)
+    barlow.barlow_twins_loss(z, z.detach() * 1.0, 0.1).backward()
+    assert z.grad.abs().max() < 1e-4  # C = I: a minimum
+    torch.manual_seed(0)
+    z1 = torch.randn(16, 4, requires_grad=True)
+    barlow.barlow_twins_loss(z1, torch.randn(16, 4), 0.1).backward()
+    assert z1.grad.abs().max() > 1e-3
+
+
+def test_two_processes_equal_one_process_on_the_global_batch():
+    """Global batch statistics and the all-reduced C: 2-process loss and gradients == 1 process."""
+    p = torchrun(["tests/dist_barlow_step.py"])
+    assert p.stdout.count("max grad diff") == 2, p.stdout
+
+
+# -------------------------------------------------------------------------------------- training
+
+FAST = dict(proj_dim=256)  # the loop's contract does not need the 2048-wide projector: a third less CPU time
+
+
+def test_config_rejects_impossible_values():
+    with pytest.raises(ValueError, match="--lambd"):
+        barlow.Config(lambd=-1.0)
+    with pytest.raises(ValueError, match="--batch_size"):
+        barlow.Config(batch_size=0)
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg, results = check_smoke_run(barlow, tmp_path, **FAST)
+    assert results["steps"] == 16
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert all(0 < r["z_std"] <= 1 and math.isfinite(r["loss"]) for r in steps)
+    # the biases and BN parameters follow the same schedule at lr_biases / lr of the weights' lr
+    groups = load_ckpt(cfg)["opt"]["param_groups"]
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * cfg.lr_biases / cfg.lr)
+    assert groups[0]["weight_decay"] == cfg.weight_decay and groups[1]["weight_decay"] == 0.0
+
+
+def test_resume_is_exact(tmp_path):
+    check_resume(barlow, tmp_path, **FAST)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(barlow, "barlow_twins_loss", monkeypatch, tmp_path, **FAST)
+
+
+# ---------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_barlow_learns_on_synthetic(tmp_path):
+    """Fixed seed, tiny trunk, 2,000 synthetic images: kNN top-1 of the trained encoder must clearly
+    beat the same encoder at its random initialisation, and the loss must fall."""
+    cfg = tiny(barlow.Config, tmp_path, subset=2000, batch_size=128, epochs=4, probe_epochs=0, log_every=5,
+               proj_dim=512)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    torch.manual_seed(cfg.seed)  # train() builds its model right after this same seeding
+    init = barlow.BarlowTwins("tiny", True, cfg.proj_dim)
+    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
+    after = barlow.train(cfg)["knn_top1"]
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    print(f"kNN top-1 on synthetic test: random init {before:.4f}, after {cfg.epochs} epochs {after:.4f}; "
+          f"loss {losses[0]:.1f} -> {losses[-1]:.1f}")
+    assert after > before + 0.05
+    assert losses[-1] < 0.8 * losses[0]

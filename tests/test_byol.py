@@ -1,0 +1,153 @@
+"""byol.py: the loss against hand computation, the target network (no gradient, EMA only, its
+schedule), and the training loop's contract on CPU."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny
+
+import byol
+import common
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def test_byol_loss_hand_computed():
+    p = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    z = torch.tensor([[4.0, 3.0], [0.0, 5.0], [0.0, -1.0]])
+    # cos: 24/25, 0, -1 -> 2 - 2 cos: 0.08, 2, 4
+    assert byol.byol_loss(p, z).item() == pytest.approx((0.08 + 2 + 4) / 3, rel=1e-6)
+
+
+def test_byol_loss_range_and_identities():
+    torch.manual_seed(0)
+    p, z = torch.randn(32, 16), torch.randn(32, 16)
+    assert byol.byol_loss(p, p).item() == pytest.approx(0.0, abs=1e-6)  # p == z: aligned
+    assert byol.byol_loss(p, -p).item() == pytest.approx(4.0, abs=1e-6)  # p == -z: opposite
+    assert byol.byol_loss(p, 3 * p).item() == pytest.approx(0.0, abs=1e-6)  # scale-free (normalized inside)
+    loss = byol.byol_loss(p, z)
+    assert 0 < loss.item() < 4
+    for i in range(32):  # every per-sample term lies in [0, 4]
+        assert 0 <= byol.byol_loss(p[i:i + 1], z[i:i + 1]).item() <= 4
+    # equals the mean squared distance of the normalized vectors (paper Eq. 2)
+    d = (p / p.norm(dim=1, keepdim=True) - z / z.norm(dim=1, keepdim=True)).pow(2).sum(1).mean()
+    torch.testing.assert_close(loss, d)
+
+
+def test_byol_loss_treats_z_as_constant():
+    torch.manual_seed(0)
+    p, z = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    byol.byol_loss(p, z).backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- target network
+
+
+def test_tau_schedule_endpoints():
+    K = 1000
+    assert byol.target_tau(0, K, 0.99) == pytest.approx(0.99)
+    assert byol.target_tau(K, K, 0.99) == pytest.approx(1.0)
+    assert byol.target_tau(K // 2, K, 0.99) == pytest.approx(0.995)  # halfway up the cosine
+    taus = [byol.target_tau(k, K, 0.996) for k in range(0, K + 1, 50)]
+    assert all(a < b for a, b in zip(taus, taus[1:]))  # rises monotonically
+
+
+def test_no_gradient_reaches_the_target_and_it_changes_only_by_ema():
+    torch.manual_seed(0)
+    model = byol.BYOL("tiny", True, 64, 32)
+    target = list(model.target_backbone.parameters()) + list(model.target_projector.parameters())
+    online = list(model.backbone.parameters()) + list(model.projector.parameters())
+    assert all(not t.requires_grad for t in target) and all(torch.equal(t, o) for t, o in zip(target, online))
+    opt = common.LARS(common.param_groups(model, 1e-5), lr=1.0)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(t) in in_opt for t in target)  # the optimizer does not hold the target
+
+    before = [t.clone() for t in target]
+    p1, p2, t1, t2 = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
+    assert not t1.requires_grad and not t2.requires_grad
+    loss = 2 * byol.byol_loss(torch.cat([p1, p2]), torch.cat([t2, t1]))
+    loss.backward()
+    assert all(t.grad is None for t in target)
+    assert all(o.grad is not None for o in online)
+    opt.step()
+    assert all(torch.equal(t, b) for t, b in zip(target, before))  # the optimizer step did not move it
+    assert not all(torch.equal(o, b) for o, b in zip(online, before))  # the online network moved
+    tau = 0.9
+    byol.common.ema_update(model.target_backbone, model.backbone, tau)
+    byol.common.ema_update(model.target_projector, model.projector, tau)
+    for t, b, o in zip(target, before, online):  # xi <- tau xi + (1 - tau) theta (paper Eq. 1)
+        torch.testing.assert_close(t, tau * b + (1 - tau) * o)
+
+
+def test_training_leaves_the_target_at_init_when_tau_is_one(tmp_path):
+    """With tau_base = 1 the EMA never moves the target: after a real run it still equals the
+    initial weights, so nothing else in the loop (optimizer, DDP, gradients) touches it."""
+    cfg = tiny(byol.Config, tmp_path, tau_base=1.0, subset=128, batch_size=32, max_steps=4, probe_epochs=0, proj_hidden=64)
+    byol.train(cfg)
+    state, init = load_ckpt(cfg)["model"], initial_weights(cfg)
+    target = [k for k in init if k.startswith(("target_backbone.", "target_projector.")) and "running" not in k
+              and "num_batches" not in k]
+    assert target and all(torch.equal(state[k], init[k]) for k in target)
+    assert not torch.equal(state["backbone.0.weight"], init["backbone.0.weight"])  # while the online network learned
+
+
+def initial_weights(cfg):
+    """The weights train(cfg) starts from: it builds its model right after seeding (common.setup)."""
+    torch.manual_seed(cfg.seed)
+    return byol.BYOL(cfg.arch, True, cfg.proj_hidden, cfg.proj_dim).state_dict()
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg, results = check_smoke_run(byol, tmp_path, extra_keys=("z_std",), proj_hidden=64)
+    assert results["steps"] == 16 and 0 < results["z_std"] < 1
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert all(0 <= r["loss"] <= 8 and "z_std" in r and cfg.tau_base <= r["tau"] < 1 for r in steps)
+    # the target is checkpointed; it has left its initial weights but lags behind the online network
+    state, init = load_ckpt(cfg)["model"], initial_weights(cfg)
+    target, online, start = state["target_backbone.0.weight"], state["backbone.0.weight"], init["backbone.0.weight"]
+    assert not torch.equal(target, start) and not torch.equal(target, online)
+    assert (target - start).norm() < (online - start).norm()
+
+
+def test_resume_is_exact(tmp_path):
+    check_resume(byol, tmp_path, proj_hidden=64)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(byol, "byol_loss", monkeypatch, tmp_path, proj_hidden=64)
+
+
+def test_config_rejects_impossible_values():
+    with pytest.raises(ValueError, match="--tau_base"):
+        byol.Config(tau_base=1.5)
+    with pytest.raises(ValueError, match="--crop_min"):
+        byol.Config(crop_min=0.0)
+
+
+# ---------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_byol_learns_on_synthetic(tmp_path):
+    """Fixed seed, tiny trunk, synthetic shapes: test kNN must clearly beat the random init."""
+    cfg = tiny(byol.Config, tmp_path, subset=2048, batch_size=128, epochs=4, lr=1.0, probe_epochs=0,
+               proj_hidden=512, log_every=16)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    init = byol.BYOL("tiny", True, cfg.proj_hidden, cfg.proj_dim)
+    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
+    after = byol.train(cfg)["knn_top1"]
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    losses = [r["loss"] for r in log if "loss" in r]
+    print(f"kNN top-1 on synthetic test: random init {before:.4f}, after {cfg.epochs} epochs {after:.4f}; "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert after > before + 0.05
+    assert losses[-1] < losses[0] - 0.3

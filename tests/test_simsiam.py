@@ -1,0 +1,153 @@
+"""simsiam.py: the loss against hand computation, the stop-gradient, the fixed predictor lr, and
+the training loop's contract on CPU."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny
+
+import common
+import simsiam
+
+SMALL = dict(proj_hidden=64, proj_dim=64, pred_hidden=16)  # narrow heads: quick CPU runs
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def test_simsiam_loss_hand_computed():
+    p1, z2 = torch.tensor([[1.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 2.0], [4.0, 3.0]])  # cos 0, 24/25
+    p2, z1 = torch.tensor([[1.0, 1.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, -5.0]])  # cos 1/sqrt(2), -1
+    expected = 0.5 * (-(0 + 24 / 25) / 2 - (1 / math.sqrt(2) - 1) / 2)
+    assert simsiam.simsiam_loss(p1, p2, z1, z2).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_simsiam_loss_identities():
+    torch.manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(16, 8) for _ in range(4))
+    assert simsiam.simsiam_loss(z2, z1, z1, z2).item() == pytest.approx(-1.0, abs=1e-6)  # p == the other z
+    assert simsiam.simsiam_loss(-z2, -z1, z1, z2).item() == pytest.approx(1.0, abs=1e-6)  # opposite
+    loss = simsiam.simsiam_loss(p1, p2, z1, z2)
+    assert -1 < loss.item() < 1
+    torch.testing.assert_close(simsiam.simsiam_loss(p2, p1, z2, z1), loss)  # symmetric in the two views
+    torch.testing.assert_close(simsiam.simsiam_loss(2 * p1, p2, 0.5 * z1, z2), loss)  # scale-free
+    d = lambda p, z: -F.cosine_similarity(p, z, dim=1).mean()  # noqa: E731
+    torch.testing.assert_close(loss, 0.5 * d(p1, z2) + 0.5 * d(p2, z1))  # paper Eq. 4
+
+
+def test_stop_gradient_z_gets_no_gradient_from_its_own_term():
+    """z enters the loss as a constant: the gradient reaching z comes only through p = h(z)."""
+    torch.manual_seed(0)
+    h = torch.nn.Linear(8, 8)
+    z1, z2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    simsiam.simsiam_loss(h(z1), h(z2), z1, z2).backward()
+    with_sg = z1.grad.clone()
+    # the same loss where the z terms are fresh constants: identical gradient
+    z1.grad = None
+    simsiam.simsiam_loss(h(z1), h(z2), z1.detach().clone(), z2.detach().clone()).backward()
+    torch.testing.assert_close(z1.grad, with_sg)
+    # without the stop-gradient the gradient would differ: the check can fail
+    z1.grad = None
+    no_sg = -0.5 * (F.cosine_similarity(h(z1), z2, dim=1).mean() + F.cosine_similarity(h(z2), z1, dim=1).mean())
+    no_sg.backward()
+    assert (z1.grad - with_sg).abs().max() > 1e-3
+    # and the projections alone receive nothing
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    p1, p2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    simsiam.simsiam_loss(p1, p2, a, b).backward()
+    assert a.grad is None and b.grad is None and p1.grad.abs().sum() > 0
+
+
+# -------------------------------------------------------------------------------- predictor lr
+
+
+def test_param_groups_split_predictor_with_fixed_lr():
+    model = simsiam.SimSiam("tiny", True, 2, 64, 64, 16)
+    groups = simsiam.param_groups(model, 0.06, 5e-4, fix_pred_lr=True)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.predictor.parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    assert groups[1]["fixed_lr"] == 0.06 and "fixed_lr" not in groups[0]
+    opt = torch.optim.SGD(groups, lr=0.06, momentum=0.9)
+    for step in range(0, 100, 10):  # drive the cosine schedule: the encoder decays, the predictor stays
+        common.set_lr(opt, common.cosine_lr(step, 100, 0, 0.06))
+        assert opt.param_groups[1]["lr"] == 0.06
+    assert opt.param_groups[0]["lr"] < 0.01
+    assert "fixed_lr" not in simsiam.param_groups(model, 0.06, 5e-4, fix_pred_lr=False)[1]
+
+
+def test_predictor_lr_stays_fixed_in_training_while_the_rest_decays(tmp_path):
+    cfg = tiny(simsiam.Config, tmp_path, subset=128, batch_size=32, epochs=2, probe_epochs=0, **SMALL)  # 8 steps
+    simsiam.train(cfg)
+    lr = cfg.lr * cfg.batch_size / 256
+    encoder, predictor = load_ckpt(cfg)["opt"]["param_groups"]
+    assert predictor["lr"] == lr and predictor["fixed_lr"] == lr
+    assert encoder["lr"] == pytest.approx(common.cosine_lr(7, 8, 0, lr)) and encoder["lr"] < 0.1 * lr
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    lrs = [r["lr"] for r in log if "lr" in r]
+    assert lrs[0] > lrs[-1]  # the logged (scheduled) lr decays
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg, results = check_smoke_run(simsiam, tmp_path, extra_keys=("z_std",), **SMALL)
+    assert results["steps"] == 16 and 0 < results["z_std"] < 1
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert all(-1 <= r["loss"] <= 1 and "z_std" in r for r in steps)
+
+
+def test_z_std_is_about_one_over_sqrt_d_for_random_z_and_zero_when_collapsed():
+    """The monitor's two reference values (paper Sec. 4.1), computed as train() does."""
+    torch.manual_seed(0)
+    z_std = lambda z: F.normalize(z, dim=1).std(0).mean().item()  # noqa: E731
+    assert z_std(torch.randn(4096, 256)) == pytest.approx(1 / math.sqrt(256), rel=0.05)
+    assert z_std(torch.randn(1, 256).expand(64, 256) * 3) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resume_is_exact(tmp_path):
+    check_resume(simsiam, tmp_path, **SMALL)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(simsiam, "simsiam_loss", monkeypatch, tmp_path, **SMALL)
+
+
+def test_config_rejects_impossible_values():
+    with pytest.raises(ValueError, match="--proj_layers"):
+        simsiam.Config(proj_layers=4)
+    with pytest.raises(ValueError, match="--crop_min"):
+        simsiam.Config(crop_min=1.5)
+
+
+def test_three_layer_projector_for_imagenet():
+    model = simsiam.SimSiam("tiny", True, 3, 64, 32, 8)
+    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert [lin.out_features for lin in linears] == [64, 64, 32]
+    assert not model.projector[-1].affine  # output BN without scale and shift
+
+
+# ---------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_simsiam_learns_on_synthetic(tmp_path):
+    """Fixed seed, tiny trunk, synthetic shapes: test kNN must clearly beat the random init."""
+    cfg = tiny(simsiam.Config, tmp_path, subset=2048, batch_size=128, epochs=4, probe_epochs=0, log_every=16,
+               proj_hidden=512, proj_dim=512, pred_hidden=128)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    init = simsiam.SimSiam("tiny", True, cfg.proj_layers, cfg.proj_hidden, cfg.proj_dim, cfg.pred_hidden)
+    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
+    after = simsiam.train(cfg)["knn_top1"]
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    losses = [r["loss"] for r in log if "loss" in r]
+    print(f"kNN top-1 on synthetic test: random init {before:.4f}, after {cfg.epochs} epochs {after:.4f}; "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert after > before + 0.05
+    assert losses[-1] < losses[0] - 0.2

@@ -1,0 +1,215 @@
+"""swav.py: Sinkhorn codes, the swapped-prediction loss against hand computation, prototypes and
+queue in the training loop, the 2-process equality, and the loop's contract on CPU."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+
+import common
+import swav
+
+
+def cosine_scores(B, K, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(B, D, generator=g), dim=1) @ F.normalize(torch.randn(K, D, generator=g), dim=1).T
+
+
+# ---------------------------------------------------------------------------------------- sinkhorn
+
+
+def test_sinkhorn_rows_sum_to_one_and_columns_are_balanced():
+    """The paper's setting: batch 256, 3000 prototypes, 128-d, epsilon 0.05, 3 iterations. Rows sum
+    to 1 (float32 rounding); each column sums to B/K within 1% (seen: at most 0.08% over 3 seeds),
+    where the softmax of the same scores is off by a factor of 2-4."""
+    for seed in range(3):
+        scores = cosine_scores(256, 3000, 128, seed)
+        q = swav.sinkhorn(scores, 0.05, 3)
+        assert q.shape == (256, 3000) and q.dtype == torch.float32 and (q >= 0).all()
+        torch.testing.assert_close(q.sum(1), torch.ones(256), atol=1e-5, rtol=0)
+        balance = q.sum(0) / (256 / 3000)  # 1 = perfectly equal share
+        assert (balance - 1).abs().max() < 0.01
+        assert ((F.softmax(scores / 0.05, 1).sum(0) / (256 / 3000)) - 1).abs().max() > 1.0
+
+
+def test_sinkhorn_converges_to_equipartition():
+    """Few prototypes and peaked scores: 3 iterations only approach the equal share; the column
+    error shrinks with the iterations and vanishes in the limit (the transport polytope's point)."""
+    scores = cosine_scores(64, 8, 16, 0)
+    errors = [(swav.sinkhorn(scores, 0.05, n).sum(0) / 8 - 1).abs().max().item() for n in (3, 10, 30, 200)]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 0.05 and errors[-1] < 1e-4
+
+
+def test_sinkhorn_matches_the_official_formulation():
+    """The official distributed_sinkhorn, written out here (K x B layout, total normalization, 1/K and
+    1/B factors, columns scaled by B at the end): the same codes."""
+    scores, eps = cosine_scores(40, 12, 8, 1), 0.05
+    Q = torch.exp(scores / eps).T  # (K, B)
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(3):
+        Q /= Q.sum(1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(0, keepdim=True)
+        Q /= B
+    Q *= B
+    torch.testing.assert_close(swav.sinkhorn(scores, eps, 3), Q.T, atol=1e-6, rtol=1e-5)
+
+
+def test_sinkhorn_gives_no_gradient():
+    scores = cosine_scores(16, 5, 4, 0).requires_grad_(True)
+    q = swav.sinkhorn(scores, 0.05, 3)
+    assert not q.requires_grad and q.grad_fn is None
+    loss = swav.swav_loss(torch.stack([scores, scores]), torch.stack([q, q]), 0.1)
+    loss.backward()  # the gradient reaches the scores only through the predictions
+    expected = (F.softmax(scores.detach() / 0.1, 1) - q) / 0.1 / 16  # d CE / d scores, mean over 16 rows, both crops
+    torch.testing.assert_close(scores.grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_sinkhorn_under_two_processes_equals_one_process_on_the_global_batch():
+    """Also one full SwAV step: 2-process loss and gradients == 1 process (tests/dist_swav_sinkhorn.py)."""
+    p = torchrun(["tests/dist_swav_sinkhorn.py"])
+    assert p.stdout.count("max grad diff") == 2, p.stdout
+
+
+# -------------------------------------------------------------------------------------------- loss
+
+
+def test_swav_loss_hand_computed():
+    # V = 3 crops (2 global + 1 small) of B = 1 image, K = 2 prototypes
+    s = [[0.5, -0.2], [0.1, 0.3], [-0.4, 0.9]]
+    q = [[0.7, 0.3], [0.2, 0.8]]
+    T = 0.1
+
+    def ce(code, score):
+        m = max(score)
+        lse = m / T + math.log(sum(math.exp((v - m) / T) for v in score))
+        return -sum(c * (v / T - lse) for c, v in zip(code, score))
+
+    expected = 0.5 * ((ce(q[0], s[1]) + ce(q[0], s[2])) / 2 + (ce(q[1], s[0]) + ce(q[1], s[2])) / 2)
+    loss = swav.swav_loss(torch.tensor(s).view(3, 1, 2), torch.tensor(q).view(2, 1, 2), T)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_swav_loss_swaps_the_predictions():
+    """A crop never predicts its own code: changing crop 0's scores leaves the term of code 0 unchanged."""
+    torch.manual_seed(0)
+    scores, codes = torch.randn(2, 4, 6), F.softmax(torch.randn(2, 4, 6), 2)
+    moved = scores.clone()
+    moved[0] += torch.randn(4, 6)
+    only_code0 = torch.stack([codes[0], torch.zeros(4, 6)])
+    torch.testing.assert_close(swav.swav_loss(scores, only_code0, 0.1), swav.swav_loss(moved, only_code0, 0.1))
+
+
+# ------------------------------------------------------------------------------- prototypes, queue
+
+
+def record_forward(monkeypatch):
+    """Record (z, prototypes) at every training forward; the evaluation uses the backbone only."""
+    calls, real_forward = [], swav.SwAV.forward
+
+    def forward(self, x_big, x_small=None):
+        z, scores = real_forward(self, x_big, x_small)
+        calls.append((z.detach().clone(), self.prototypes.weight.detach().clone()))
+        return z, scores
+
+    monkeypatch.setattr(swav.SwAV, "forward", forward)
+    return calls
+
+
+def record_sinkhorn_rows(monkeypatch):
+    rows, real_sinkhorn = [], swav.sinkhorn
+
+    def sinkhorn(scores, epsilon, n_iters):
+        rows.append(scores.shape[0])
+        return real_sinkhorn(scores, epsilon, n_iters)
+
+    monkeypatch.setattr(swav, "sinkhorn", sinkhorn)
+    return rows
+
+
+def test_queue_holds_the_last_features_and_joins_the_codes_once_full(tmp_path, monkeypatch):
+    calls, rows = record_forward(monkeypatch), record_sinkhorn_rows(monkeypatch)
+    cfg = tiny(swav.Config, tmp_path, subset=256, batch_size=32, max_steps=4, queue_size=64, queue_start_epoch=0,
+               probe_epochs=0)  # a queue of 2 batches
+    swav.train(cfg)
+    B, D = cfg.batch_size, cfg.proj_dim
+    queue = load_ckpt(cfg)["queue"]
+    assert queue.shape == (1, 2, 64, D)  # (processes, global crops, queue_size, proj_dim)
+    newest, previous = calls[-1][0][:2 * B].view(2, B, D), calls[-2][0][:2 * B].view(2, B, D)
+    torch.testing.assert_close(queue[0], torch.cat([newest, previous], 1), atol=0, rtol=0)
+    assert rows == [B, B, B, B, B + 64, B + 64, B + 64, B + 64]  # 2 codes a step; full after step 2
+
+
+def test_prototypes_frozen_in_the_first_epoch_then_stepped_and_unit_norm(tmp_path, monkeypatch):
+    calls = record_forward(monkeypatch)
+    small = dict(subset=256, batch_size=32, max_steps=3, probe_epochs=0)  # 8 steps per epoch
+    frozen = tiny(swav.Config, tmp_path / "a", **small)  # all 3 steps in the frozen first epoch
+    swav.train(frozen)
+    init = calls[0][1]
+    torch.testing.assert_close(init.norm(dim=1), torch.ones(len(init)))  # unit rows from the start
+    torch.testing.assert_close(load_ckpt(frozen)["model"]["prototypes.weight"], init, atol=1e-6, rtol=0)
+    calls.clear()
+    free = tiny(swav.Config, tmp_path / "b", freeze_prototypes_epochs=0, **small)
+    swav.train(free)
+    after = load_ckpt(free)["model"]["prototypes.weight"]
+    assert (after - calls[0][1]).abs().max() > 1e-4  # they moved ...
+    torch.testing.assert_close(after.norm(dim=1), torch.ones(len(after)))  # ... and are back on the sphere
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_config_rejects_impossible_values():
+    with pytest.raises(ValueError, match="--queue_size"):
+        swav.Config(queue_size=1000, batch_size=256)
+    with pytest.raises(ValueError, match="--epsilon"):
+        swav.Config(epsilon=0.01)
+    with pytest.raises(ValueError, match="--small_crop_min"):
+        swav.Config(small_crop_min=0.5)
+
+
+FEATURES = dict(n_small_crops=2, queue_size=128, queue_start_epoch=1)  # multi-crop and the queue on
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg, results = check_smoke_run(swav, tmp_path, **FEATURES)
+    assert results["steps"] == 16
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert all(0 < r["z_std"] <= 1 and math.isfinite(r["loss"]) for r in steps)
+
+
+def test_resume_is_exact_including_the_queue(tmp_path):
+    check_resume(swav, tmp_path, queue_size=128, queue_start_epoch=1)  # 5 steps per epoch: queue in use after the resume
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(swav, "swav_loss", monkeypatch, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_swav_learns_on_synthetic(tmp_path):
+    """Fixed seed, tiny trunk, 2,000 synthetic images: kNN top-1 of the trained encoder must clearly
+    beat the same encoder at its random initialisation, and the loss must fall."""
+    cfg = tiny(swav.Config, tmp_path, subset=2000, batch_size=128, epochs=4, probe_epochs=0, log_every=5)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    torch.manual_seed(cfg.seed)  # train() builds its model right after this same seeding
+    init = swav.SwAV("tiny", True, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes)
+    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
+    after = swav.train(cfg)["knn_top1"]
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    print(f"kNN top-1 on synthetic test: random init {before:.4f}, after {cfg.epochs} epochs {after:.4f}; "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert after > before + 0.05
+    assert losses[-1] < losses[0] - 0.1
