@@ -1,0 +1,151 @@
+"""rotnet.py: rotations and their labels, the crop augmentation, the backbones, and the training loop's
+contract on CPU."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, tiny
+
+import common
+import rotnet
+
+# ------------------------------------------------------------------------------------ rotations
+
+
+def test_rotate_batch_labels_and_order():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 5)
+    images, labels = rotnet.rotate_batch(x)
+    assert images.shape == (12, 2, 5, 5) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for i in range(12):  # row i is image i % B turned by its label (DESIGN: label k = torch.rot90(x, k, dims=(2, 3)))
+        k = labels[i].item()
+        assert torch.equal(images[i], torch.rot90(x[i % 3], k, dims=(1, 2)))
+
+
+def test_rotation_direction_by_hand():
+    """One quarter turn is counter-clockwise, as np.rot90 and the official code's rotate_img(img, 90)."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    images, _ = rotnet.rotate_batch(x)
+    assert images[1, 0].tolist() == [[2.0, 4.0], [1.0, 3.0]]  # the top row's right end moves to the top-left
+    assert images[2, 0].tolist() == [[4.0, 3.0], [2.0, 1.0]]  # half a turn
+    assert images[3, 0].tolist() == [[3.0, 1.0], [4.0, 2.0]]
+    hwc = np.arange(12.0).reshape(2, 2, 3)  # the official rotate_img(img, 90) = flipud(transpose) on HWC
+    official = np.flipud(np.transpose(hwc, (1, 0, 2)))
+    ours = rotnet.rotate_batch(torch.from_numpy(hwc.copy()).permute(2, 0, 1)[None])[0][1].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(ours, official)
+
+
+def test_rotations_invert():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    images, labels = rotnet.rotate_batch(x)
+    for k in range(4):  # turned by k, then by 4 - k: unchanged
+        assert torch.equal(torch.rot90(images[labels == k], 4 - k, dims=(2, 3)), x)
+    # the four rotations of a generic image are four different images
+    distinct = {tuple(images[k * 4].flatten().tolist()) for k in range(4)}
+    assert len(distinct) == 4
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    out = rotnet.random_crop(x, 2)
+    padded = F.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(16):
+        hits = [(t, s) for t in range(5) for s in range(5) if torch.equal(out[i], padded[i, :, t:t + 8, s:s + 8])]
+        assert hits, i
+        offsets.add(hits[0])
+    assert len(offsets) > 4  # offsets vary per image
+    assert torch.equal(rotnet.random_crop(x, 0), x)
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def test_backbones_and_intermediate_features():
+    x = torch.randn(4, 3, 32, 32)
+    for arch, width, mid_width, name in [("tiny", 256, 128, "conv3"), ("nin", 192, 192, "block2"),
+                                         ("resnet18", 512, 256, "layer3")]:
+        model = rotnet.RotNet(arch, True, 4)
+        assert model(x).shape == (4, 4) and model.backbone(x).shape == (4, width), arch
+        assert model.mid_features(x).shape == (4, mid_width) and model.mid_name == name, arch
+    backbone, width = rotnet.nin(4)  # the official 4-block NIN: 4 blocks of 3 conv layers (+ pooling, flatten)
+    assert width == 192 and len(backbone) == 6
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in backbone.modules()) == 12
+    # NIN block 2 ends in the 3x3 stride-2 average pool: 32 -> 16 -> 8 px, 192 channels
+    assert backbone[:2](x).shape == (4, 192, 8, 8)
+
+
+def test_rotation_loss_hand_computed():
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 3.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    expected = (-(2 - math.log(math.exp(2) + 3)) - (1 - math.log(2 + math.e + math.exp(3)))) / 2
+    assert rotnet.rotation_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert rotnet.rotation_loss(torch.zeros(8, 4), torch.arange(8) % 4).item() == pytest.approx(math.log(4), rel=1e-6)
+    assert rotnet.rotation_loss(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def test_config_checks():
+    assert rotnet.Config(arch="nin").arch == "nin"
+    with pytest.raises(ValueError, match="--nin_blocks=2"):
+        rotnet.Config(nin_blocks=2)
+    with pytest.raises(ValueError, match="--arch=vit"):
+        rotnet.Config(arch="vit")
+    with pytest.raises(ValueError, match="--crop_pad"):
+        rotnet.Config(crop_pad=-1)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg, results = check_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", "knn_top1_mid", "linear_top1_mid"))
+    assert results["steps"] == 16 and results["mid_features"] == "conv3"
+    assert 0 <= results["pretext_top1"] <= 1 and 0 <= results["knn_top1_mid"] <= 1 and 0 <= results["linear_top1_mid"] <= 1
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert all("pretext_acc" in r for r in log if "loss" in r)
+    assert any("pretext_top1" in r and r.get("epoch") == 1 for r in log)  # the monitor reports rotation accuracy too
+    assert os.path.exists(os.path.join(cfg.out_dir, "encoder.pt"))
+
+
+def test_resume_is_exact(tmp_path):
+    check_resume(rotnet, tmp_path)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(rotnet, "rotation_loss", monkeypatch, tmp_path)
+
+
+# ------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_rotnet_learns_on_cifar10(tmp_path):
+    """Fixed seed, 2,048 CIFAR-10 images, tiny trunk, 3 epochs at the default lr: the rotation accuracy on
+    the test images is well above chance (25%) and the trunk's kNN top-1 clearly beats its random init.
+
+    Not on the synthetic set, unlike the other methods: its images look alike in every quarter turn
+    (disks, rings, squares and crosses are symmetric; positions, gradients and stripes are drawn
+    rotation-symmetrically); only triangles, drawn at angles in [0, pi), give a rotation away. Measured
+    there (2,048 images, 3 epochs): loss stays at ln 4, rotation accuracy 25.2%, kNN 12.5% -> 11.4%.
+    Measured here: kNN 0.2491 -> 0.3142 (layer 'conv3': 0.2830), rotation accuracy 0.2428 -> 0.5186.
+    """
+    cfg = tiny(rotnet.Config, tmp_path, dataset="cifar10", data_dir=cifar10_dir(), subset=2048, batch_size=128,
+               epochs=3, probe_epochs=0)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    init = rotnet.RotNet("tiny", True, cfg.nin_blocks)
+    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
+    pretext_before = rotnet.rotation_accuracy(init, data, rt, cfg.image_size)
+    results = rotnet.train(cfg)
+    print(f"kNN top-1: random init {before:.4f}, trained {results['knn_top1']:.4f} (mid {results['knn_top1_mid']:.4f}); "
+          f"rotation accuracy: random init {pretext_before:.4f}, trained {results['pretext_top1']:.4f}")
+    assert results["knn_top1"] > before + 0.03
+    assert results["pretext_top1"] > 0.40 and results["pretext_top1"] > pretext_before + 0.15
