@@ -1,0 +1,166 @@
+"""cpc.py: the patch grid, the context's causality, InfoNCE against hand computation, per-patch
+augmentation, 2-process equality, and the training loop's contract on CPU."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, tiny, torchrun
+
+import common
+import cpc
+
+FAST = dict(context_dim=32, context_blocks=1, pred_steps=2)  # the loop's tests need no real context network
+
+
+# ------------------------------------------------------------------------------------ the grid
+
+
+def test_cut_patches_is_the_overlapping_grid():
+    x = torch.randn(2, 3, 32, 32)
+    patches = cpc.cut_patches(x, 8, 4)
+    assert patches.shape == (2, 7, 7, 3, 8, 8)
+    for i, j in [(0, 0), (0, 6), (3, 2), (6, 6)]:
+        assert torch.equal(patches[:, i, j], x[:, :, 4 * i:4 * i + 8, 4 * j:4 * j + 8])
+
+
+def test_context_at_row_r_does_not_depend_on_patches_below():
+    torch.manual_seed(0)
+    model = cpc.CPC("tiny", True, context_dim=16, context_blocks=3, pred_steps=2)
+    patches = torch.randn(2, 7, 7, 3, 8, 8)
+    z, p = model(patches)
+    c = model.context(z.permute(0, 3, 1, 2))  # (B, Dc, G, G)
+    for r in range(6):
+        changed = patches.clone()
+        changed[:, r + 1:] = torch.randn_like(changed[:, r + 1:])  # every patch below row r
+        z2, p2 = model(changed)
+        c2 = model.context(z2.permute(0, 3, 1, 2))
+        assert torch.equal(c2[:, :, :r + 1], c[:, :, :r + 1]), r
+        assert torch.equal(p2[:, :, :r + 1], p[:, :, :r + 1]), r  # the predictions made from rows <= r
+        assert not torch.allclose(c2[:, :, r + 1:], c[:, :, r + 1:])  # the test can fail: the rows below did change
+    changed = patches.clone()
+    changed[:, 0] = torch.randn_like(changed[:, 0])  # the top row reaches every row below it
+    c2 = model.context(model.encode(changed).permute(0, 3, 1, 2))
+    assert all(not torch.allclose(c2[:, :, i], c[:, :, i]) for i in range(7))
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def test_cpc_loss_equals_cross_entropy_with_the_positive_index():
+    torch.manual_seed(0)
+    B, K, G, D, N, first = 2, 2, 3, 4, 3, 1  # this process holds images 1 and 2 of 3
+    preds, z_all = torch.randn(B, K, G, G, D), torch.randn(N, G, G, D)
+    codes = z_all.reshape(-1, D)  # (N*G*G, D): code of (n, i, j) at row (n*G + i)*G + j
+    losses, hits = [], []
+    for b in range(B):
+        for k in range(1, K + 1):
+            for i in range(G - k):
+                for j in range(G):
+                    logits = codes @ preds[b, k - 1, i, j]  # (N*G*G,) every patch of every image
+                    positive = ((first + b) * G + i + k) * G + j
+                    losses.append(F.cross_entropy(logits[None], torch.tensor([positive])))
+                    hits.append(float(logits.argmax() == positive))
+    assert len(losses) == B * G * (2 + 1)  # k = 1: rows 0, 1; k = 2: row 0
+    loss, acc = cpc.cpc_loss(preds, z_all, first)
+    torch.testing.assert_close(loss, torch.stack(losses).mean())
+    assert acc.item() == pytest.approx(sum(hits) / len(hits))
+
+
+def test_cpc_loss_hand_computed():
+    """One image, a 2 x 2 grid, K = 1: the two patches of row 0 predict the two of row 1."""
+    z = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 0.0]]]])  # (1, 2, 2, 2): z[0,i,j]
+    preds = torch.zeros(1, 1, 2, 2, 2)
+    preds[0, 0, 0, 0] = torch.tensor([2.0, 0.0])  # predicts z[1, 0] = (1, 1)
+    preds[0, 0, 0, 1] = torch.tensor([0.0, 1.0])  # predicts z[1, 1] = (-1, 0)
+    preds[0, 0, 1] = 100.0  # row 1 has nothing below: must not count
+    codes = [(1, 0), (0, 1), (1, 1), (-1, 0)]
+
+    def nll(p, positive):
+        scores = [p[0] * c[0] + p[1] * c[1] for c in codes]
+        return -scores[positive] + math.log(sum(math.exp(s) for s in scores))
+
+    expected = (nll((2, 0), 2) + nll((0, 1), 3)) / 2  # scores (2, 0, 2, -2) and (0, 1, 1, 0)
+    loss, acc = cpc.cpc_loss(preds, z, 0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # first prediction: tie between codes 0 and 2, argmax picks the first (a miss); second: tie 1, 2 (a miss)
+    assert acc.item() == 0.0
+
+
+def test_patch_augmentations_are_drawn_per_patch(tmp_path):
+    torch.manual_seed(0)
+    tile = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+    x = tile.repeat(4, 1, 8, 8)  # (4, 3, 32, 32), period 4: all 49 patches of an image are the same
+    cfg = tiny(cpc.Config, tmp_path, crop_min=1.0, color_drop=0.0)  # crop_min 1: the crop is the whole image
+    patches = cpc.cpc_view(x, cfg)  # (4, 7, 7, 3, 8, 8)
+    for img in patches:
+        first = img[0, 0]
+        same = [torch.allclose(p, first, atol=1e-5) for p in img.flatten(0, 1)]
+        mirrored = [torch.allclose(p, first.flip(2), atol=1e-5) for p in img.flatten(0, 1)]
+        assert all(s or m for s, m in zip(same, mirrored)) and 5 < sum(mirrored) < 44  # flipped or not, per patch
+    patches = cpc.cpc_view(x, tiny(cpc.Config, tmp_path, color_drop=1.0))
+    zero = (patches.abs().amax((4, 5)) == 0)  # (4, 7, 7, 3): channels dropped to the mean
+    assert (zero.sum(-1) == 2).all()  # every patch keeps exactly one channel
+    kept = (~zero).float().argmax(-1)  # (4, 7, 7)
+    assert all(len(k.unique()) == 3 for k in kept)  # which one is drawn per patch, not per image
+
+
+def test_config_rejects_impossible_values(tmp_path):
+    for bad in (dict(pred_steps=7), dict(pred_steps=0), dict(patch_stride=5), dict(color_drop=1.5), dict(arch="vit")):
+        with pytest.raises(ValueError, match="--" + list(bad)[0]):
+            tiny(cpc.Config, tmp_path, **bad)
+
+
+def test_two_processes_equal_one_process_on_the_global_batch():
+    """Negatives span the global batch: 2-process loss and gradients == 1 process on all images."""
+    p = torchrun(["tests/dist_cpc_step.py"])
+    assert p.stdout.count("max grad diff") == 2, p.stdout
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_smoke_run_writes_log_ckpt_results(tmp_path):
+    cfg, results = check_smoke_run(cpc, tmp_path, **FAST)
+    assert results["steps"] == 16
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16] and "acc" in log[0]
+
+
+def test_resume_is_exact(tmp_path):
+    check_resume(cpc, tmp_path, **FAST)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(cpc, "cpc_loss", monkeypatch, tmp_path, **FAST)
+
+
+@pytest.mark.slow
+def test_cpc_learns_on_synthetic(tmp_path):
+    """Fixed seed: 2,048 synthetic images, tiny patch encoder; for CPU speed a 3 x 3 grid of 16 px
+    patches (stride 8) and K = 2. The test kNN top-1 of the grid-averaged codes must clearly beat the
+    same encoder at random initialisation, and the InfoNCE accuracy of the last steps must beat
+    chance (1 / number of codes in the batch) many times over."""
+    cfg = tiny(cpc.Config, tmp_path, subset=2048, batch_size=64, epochs=10, lr=3e-2, warmup_epochs=0, probe_epochs=0,
+               log_every=8, patch_size=16, patch_stride=8, pred_steps=2, context_dim=64, context_blocks=2)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    torch.manual_seed(cfg.seed)  # the weights train() starts from
+    init = cpc.CPC("tiny", True, cfg.context_dim, cfg.context_blocks, cfg.pred_steps)
+
+    def features(x):
+        return init.encode(cpc.cut_patches(common.normalize(common.to_float(x)), cfg.patch_size, cfg.patch_stride)).mean((1, 2))
+
+    before = common.evaluate(init, features, data, rt)["knn_top1"]
+    after = cpc.train(cfg)["knn_top1"]
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    acc = [r["acc"] for r in log if "acc" in r]
+    chance = 1 / (cfg.batch_size * 3 * 3)
+    print(f"kNN top-1 on synthetic test: random init {before:.4f}, trained {after:.4f}; "
+          f"InfoNCE accuracy first {acc[0]:.4f}, last {acc[-1]:.4f}, chance {chance:.5f}")
+    assert sum(acc[-4:]) / 4 > 3 * chance
+    assert after > before + 0.03

@@ -1,0 +1,191 @@
+"""mae.py: patches, masking, the loss against hand computation, and the training loop's contract on CPU."""
+
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+
+from conftest import check_nan_guard, check_resume, check_smoke_run, tiny
+
+import common
+import mae
+
+SMALL_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)  # the loop's tests do not need a real decoder
+
+
+def tiny_mae(**overrides):
+    torch.manual_seed(0)
+    return mae.MAE(image_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1,
+                   decoder_heads=2, **overrides)
+
+
+# ------------------------------------------------------------------------------------ patches
+
+
+def test_patchify_order_and_unpatchify_inverse():
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 8, 12)
+    x = mae.patchify(imgs, 4)
+    assert x.shape == (2, 6, 48)  # 2 x 3 patches of 4*4*3 values
+    for l, (r, c) in enumerate([(r, c) for r in range(2) for c in range(3)]):  # row-major patches
+        patch = imgs[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4]  # (B, C, p, p)
+        torch.testing.assert_close(x[:, l], patch.permute(0, 2, 3, 1).reshape(2, -1))  # (row, col, channel)
+    square = torch.randn(3, 3, 16, 16)
+    assert torch.equal(mae.unpatchify(mae.patchify(square, 4), 4), square)
+    y = torch.randn(3, 16, 12)
+    assert torch.equal(mae.patchify(mae.unpatchify(y, 2), 2), y)
+
+
+# ------------------------------------------------------------------------------------ masking
+
+
+@pytest.mark.parametrize("L, ratio, removed", [(64, 0.75, 48), (49, 0.75, 37), (10, 0.35, 4), (10, 0.45, 4), (16, 0.5, 8)])
+def test_random_masking_removes_round_L_ratio_per_sample(L, ratio, removed):
+    """Python's round, halves to even: round(3.5) = 4, round(4.5) = 4, round(36.75) = 37."""
+    assert removed == round(L * ratio)
+    torch.manual_seed(0)
+    x = torch.randn(16, L, 5)
+    visible, mask, ids_restore = mae.random_masking(x, ratio)
+    assert visible.shape == (16, L - removed, 5) and mask.shape == (16, L)
+    assert (mask.sum(1) == removed).all() and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert len({tuple(m.tolist()) for m in mask}) > 1  # a different subset per sample
+    for b in range(16):  # the visible tokens are exactly the kept positions' tokens
+        kept = x[b][mask[b] == 0]
+        assert sorted(map(tuple, visible[b].tolist())) == sorted(map(tuple, kept.tolist()))
+    # ids_restore puts [visible, anything] back into image order, the visible tokens in their places
+    padded = torch.cat([visible, torch.zeros(16, removed, 5)], 1)
+    restored = padded.gather(1, ids_restore[..., None].expand(-1, -1, 5))
+    torch.testing.assert_close(restored, x * (1 - mask[..., None]))
+
+
+def test_encoder_never_sees_removed_patches():
+    model = tiny_mae().eval()
+    patches = mae.patchify(torch.randn(4, 3, 16, 16), 4)  # (4, 16, 48)
+    torch.manual_seed(1)
+    h, mask, _ = model.forward_encoder(patches, 0.75)
+    changed = patches + 10 * torch.randn_like(patches) * mask[..., None]  # new content in every removed patch
+    torch.manual_seed(1)  # the same masks
+    h2, mask2, _ = model.forward_encoder(changed, 0.75)
+    assert torch.equal(mask, mask2) and torch.equal(h, h2)
+    visible_changed = patches + torch.randn_like(patches) * (1 - mask[..., None])  # the test can fail
+    torch.manual_seed(1)
+    assert not torch.allclose(model.forward_encoder(visible_changed, 0.75)[0], h)
+
+
+def test_position_embeddings_are_fixed_2d_sincos():
+    model = tiny_mae()
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("pos_embed" in n for n in names)  # buffers, not trained
+    pe = mae.sincos_pos_embed(8, 3)  # (1 + 9, 8): 2 frequencies each for column sin, column cos, row sin, row cos
+    assert pe.shape == (10, 8) and torch.equal(pe[0], torch.zeros(8))
+    row, col = 1, 2  # patch 1 * 3 + 2 = 5, the token after the cls row
+    omega = torch.tensor([1.0, 0.01])  # 1 / 10000 ** (k / 2)
+    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
+    torch.testing.assert_close(pe[1 + 5], expected)
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def test_mae_loss_only_on_removed_patches():
+    torch.manual_seed(0)
+    imgs, pred = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 48)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 1]])
+    for norm in (False, True):
+        loss = mae.mae_loss(imgs, pred, mask, 4, norm)
+        moved = pred + 5 * torch.randn_like(pred) * (1 - mask[..., None])  # other predictions on the visible patches
+        torch.testing.assert_close(mae.mae_loss(imgs, moved, mask, 4, norm), loss)
+        moved = pred + torch.randn_like(pred) * mask[..., None]  # the test can fail
+        assert not torch.allclose(mae.mae_loss(imgs, moved, mask, 4, norm), loss)
+
+
+def test_mae_loss_hand_computed():
+    """One 2x2 image, p = 1: four patches of three values; patches 1 and 2 removed."""
+    img = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [6.0, 1.0]], [[2.0, 2.0], [0.0, 1.0]]])[None]  # (1,3,2,2)
+    pixels = [[1.0, 0.0, 2.0], [2.0, 0.0, 2.0], [3.0, 6.0, 0.0], [4.0, 1.0, 1.0]]  # patches (row-major), channels last
+    pred = torch.tensor([[[0.5, 0.5, 0.5], [1.0, -1.0, 3.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+
+    def mse(target, p):
+        return sum((a - b) ** 2 for a, b in zip(target, p)) / 3
+
+    raw = (mse(pixels[1], pred[0, 1].tolist()) + mse(pixels[2], pred[0, 2].tolist())) / 2  # (3/3 + 21/3) / 2
+    assert mae.mae_loss(img, pred, mask, 1, False).item() == pytest.approx(raw, rel=1e-6)
+    assert raw == pytest.approx(4.0)
+
+    def standardized(v):  # unbiased variance (n - 1), epsilon 1e-6 inside the root, as the official code
+        m = sum(v) / 3
+        var = sum((a - m) ** 2 for a in v) / 2
+        return [(a - m) / (var + 1e-6) ** 0.5 for a in v]
+
+    normed = (mse(standardized(pixels[1]), pred[0, 1].tolist()) + mse(standardized(pixels[2]), pred[0, 2].tolist())) / 2
+    assert mae.mae_loss(img, pred, mask, 1, True).item() == pytest.approx(normed, rel=1e-5)
+    # [2, 0, 2]: mean 4/3, unbiased variance 4/3 -> (1/sqrt(3)) * [1, -2, 1]
+    torch.testing.assert_close(torch.tensor(standardized(pixels[1])), torch.tensor([1.0, -2.0, 1.0]) / 3**0.5)
+
+
+def test_config_rejects_impossible_values(tmp_path):
+    for bad in (dict(mask_ratio=1.0), dict(mask_ratio=0.0), dict(mask_ratio=0.001), dict(patch_size=5),
+                dict(decoder_dim=30), dict(arch="resnet18")):
+        with pytest.raises(ValueError, match="--" + list(bad)[0]):
+            tiny(mae.Config, tmp_path, **bad)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_smoke_run_writes_log_ckpt_results_and_pngs(tmp_path):
+    cfg, results = check_smoke_run(mae, tmp_path, **SMALL_DECODER)
+    assert results["steps"] == 16
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+    for name in ("reconstruction_epoch1.png", "reconstruction_final.png"):
+        png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
+        assert png.shape == (3, 3 * 34 + 2, 8 * 34 + 2)  # 3 rows (original, masked, reconstruction) of 8 images, 2 px padding
+    encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)
+    assert "cls_token" in encoder and not any(k.startswith(("decoder", "mask_token")) for k in encoder)
+
+
+def test_resume_is_exact(tmp_path):
+    check_resume(mae, tmp_path, **SMALL_DECODER)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    check_nan_guard(mae, "mae_loss", monkeypatch, tmp_path, **SMALL_DECODER)
+
+
+@pytest.mark.slow
+def test_mae_learns_on_synthetic(tmp_path):
+    """Fixed seed: 2,048 synthetic images, tiny ViT; for CPU speed 8 px patches (16 per image, 4
+    visible) and a 3-layer, 64-wide decoder. The linear probe on the trained encoder's cls token must
+    beat the same encoder at random initialisation, and the reconstruction loss on test images (the
+    same masks before and after) must fall well below its initial value."""
+    cfg = tiny(mae.Config, tmp_path, subset=2048, batch_size=128, epochs=20, lr=3e-3, warmup_epochs=1, probe_epochs=20,
+               log_every=32, patch_size=8, decoder_dim=64, decoder_depth=3, decoder_heads=2)
+    rt = common.setup(cfg)
+    data = common.load_data(cfg, rt)
+    x_test = common.normalize(common.to_float(data.test[0][:512]))
+    build = lambda: mae.MAE(32, cfg.patch_size, *mae.VITS["tiny"], cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)  # noqa: E731
+    torch.manual_seed(cfg.seed)  # the weights train() starts from
+    init = build()
+
+    def test_loss(model):
+        torch.manual_seed(123)  # the same masks for both models
+        with torch.no_grad():
+            return mae.mae_loss(x_test, *model(x_test, cfg.mask_ratio), cfg.patch_size, cfg.norm_pix_loss).item()
+
+    def features(x):
+        return init.forward_encoder(mae.patchify(common.normalize(common.to_float(x)), cfg.patch_size), 0.0)[0][:, 0]
+
+    before = common.evaluate(init, features, data, rt, cfg.probe_epochs)["linear_top1"]
+    loss_before = test_loss(init)
+    after = mae.train(cfg)["linear_top1"]
+    trained = build()
+    trained.load_state_dict(torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["model"])
+    loss_after = test_loss(trained)
+    print(f"linear top-1 on synthetic test: random init {before:.4f}, trained {after:.4f}; "
+          f"test reconstruction loss {loss_before:.4f} -> {loss_after:.4f}")
+    assert loss_after < 0.8 * loss_before
+    assert after > before + 0.015
