@@ -156,6 +156,9 @@ def print0(*args):
         print(*args, flush=True)
 
 
+_owned_group = []  # the process group setup() made, if any
+
+
 def setup(cfg):
     """torchrun env vars -> process group (NCCL on CUDA, gloo on CPU); device, precision, seed, out_dir."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
@@ -167,6 +170,7 @@ def setup(cfg):
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():  # long timeout: rank 0 writes checkpoints and PNGs
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+        _owned_group.append(dist.group.WORLD)  # cleanup() destroys it; a group the caller made stays
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype, torch.bfloat16 if cuda else torch.float32)
     rt = Runtime(rank, world, device, dtype, cfg.compile.lower() == "true" or (cfg.compile == "auto" and cuda))
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -183,8 +187,11 @@ def setup(cfg):
 
 
 def cleanup():
-    if dist.is_initialized():
+    """Destroy the process group if setup() made it. A caller that runs several trainings in one
+    launch makes the group itself, once: gloo cannot be set up twice from torchrun's store."""
+    if _owned_group and dist.is_initialized():
         dist.destroy_process_group()
+    _owned_group.clear()
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -257,8 +264,10 @@ def make_synthetic(n, size=32, seed=0):
     """n labelled images (uint8 (n,3,size,size), int64 (n,)) with real class structure, in seconds.
 
     10 classes = 5 shapes (disk, square, triangle, ring, cross) x 2 fills (plain, striped), each
-    under a random foreground and background colour, position, scale, rotation, stripe frequency
-    and orientation, background gradient and pixel noise. Colour carries no class information.
+    under a random foreground and background colour, position, scale, tilt, stripe frequency and
+    orientation, background gradient and pixel noise. Colour carries no class information. Shapes
+    stand upright, tilted by at most 1/4 radian, as objects in photographs do: the triangles give a
+    rotation away (the others are symmetric), so that predicting rotations has something to learn.
     """
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
@@ -266,7 +275,7 @@ def make_synthetic(n, size=32, seed=0):
     striped = (y >= 5)[:, None, None]
     coords = (torch.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     yy, xx = coords.view(1, -1, 1), coords.view(1, 1, -1)
-    cy, cx, scale, angle = (u(n, 1, 1) - 0.5) * 0.8, (u(n, 1, 1) - 0.5) * 0.8, 0.35 + 0.3 * u(n, 1, 1), u(n, 1, 1) * math.pi
+    cy, cx, scale, angle = (u(n, 1, 1) - 0.5) * 0.8, (u(n, 1, 1) - 0.5) * 0.8, 0.35 + 0.3 * u(n, 1, 1), (u(n, 1, 1) - 0.5) / 2
     dy, dx = (yy - cy) / scale, (xx - cx) / scale
     a, b = dx * angle.cos() + dy * angle.sin(), -dx * angle.sin() + dy * angle.cos()  # rotated shape frame
     r = (a**2 + b**2).sqrt()
@@ -587,7 +596,7 @@ def resnet(arch, small_images=True):
     """
     if arch == "tiny":
         layers, c_in = [], 3
-        for c_out, stride in [(32, 1), (64, 2), (128, 2), (256, 2)]:
+        for c_out, stride in [(16, 1), (32, 2), (64, 2), (128, 2)]:
             layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
@@ -610,12 +619,15 @@ def param_groups(model, weight_decay):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose per-layer step is scaled by the trust ratio eta*||w|| / ||g + wd*w||
+    """SGD with momentum whose per-layer lr is scaled by the trust ratio eta*||w|| / ||g + wd*w||
     (You et al. 2017), as in the SimCLR and BYOL code: groups marked lars_exclude (biases, BN) get
-    neither weight decay nor adaptation, and the lr enters the momentum buffer ("classic" momentum)."""
+    neither weight decay nor adaptation, and the lr enters the momentum buffer ("classic" momentum).
+    With clip, a layer's lr is min(eta*||w|| / ||g + wd*w||, lr): the lr caps the adapted rate
+    instead of multiplying it (LARC's clip mode, used by solo-learn's CIFAR recipes with eta 0.02)."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      lars_exclude=False))
 
     @torch.no_grad()
     def step(self):
@@ -624,11 +636,13 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 d = p.grad.add(p, alpha=g["weight_decay"])
+                layer_lr = g["lr"]
                 if not g["lars_exclude"]:
                     w_norm, d_norm = p.norm(), d.norm()
-                    d = d.mul(torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0))
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
+                    layer_lr = trust.clamp(max=g["lr"]) if g["clip"] else g["lr"] * trust
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(d, alpha=g["lr"])
+                buf.mul_(g["momentum"]).add_(d * layer_lr)
                 p.sub_(buf)
 
 

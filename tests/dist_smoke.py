@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import torch.distributed as dist
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny  # noqa: E402
 
@@ -21,10 +23,11 @@ class Folder:  # tiny() wants a path-like with "/"
         return os.path.join(self.path, name)
 
 
+dist.init_process_group("gloo")  # once: every train() below reuses it (common.cleanup leaves it)
 out = sys.argv[1]
 for name in sys.argv[2:]:
     module = importlib.import_module(name)
-    cfg = tiny(module.Config, Folder(os.path.join(out, name)), subset=128, batch_size=32, probe_epochs=1)
+    cfg = tiny(module.Config, Folder(os.path.join(out, name)), subset=64, batch_size=32, probe_epochs=1, log_every=1)
     results = module.train(cfg)
     if int(os.environ["RANK"]) == 0:
         assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results

@@ -13,6 +13,7 @@ from conftest import METHODS, ROOT
 PRESENT = [m for m in METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 
 
+@pytest.mark.slow  # 15 runs: a minute and a half
 def test_copy_of_one_file_plus_common_runs_alone(tmp_path):
     """<method>.py + common.py in an empty folder: the smoke run works with nothing else."""
     p = subprocess.run([sys.executable, "tests/copy_paste_runner.py", str(tmp_path), *PRESENT], cwd=ROOT,

@@ -223,6 +223,21 @@ def test_lars_step_values():
     torch.testing.assert_close(w.weight.detach(), w1 - (0.9 * 0.5 * trust * d + 0.5 * trust1 * d1))
 
 
+def test_lars_clip_caps_the_layer_lr_at_lr():
+    """clip (LARC / solo-learn): a layer's lr is min(eta * ||w|| / ||d||, lr), not lr * eta * ratio."""
+    for eta, lr, capped in [(0.02, 0.5, False), (0.02, 1e-4, True)]:
+        w = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            w.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+        w0 = w.weight.detach().clone()
+        opt = common.LARS(common.param_groups(w, weight_decay=0.0), lr=lr, eta=eta, clip=True)
+        w.weight.grad = torch.full((3, 4), 2.0)
+        opt.step()
+        adapted = eta * w0.norm() / w.weight.grad.norm()  # 0.02 * 1.945 / 6.93 = 5.6e-3
+        assert (adapted > lr) == capped
+        torch.testing.assert_close(w.weight.detach(), w0 - min(adapted, lr) * w.weight.grad)
+
+
 def test_ema_update():
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     expected = [0.9 * pa.detach() + 0.1 * pb.detach() for pa, pb in zip(a.parameters(), b.parameters())]

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from conftest import METHODS, ROOT, torchrun
 
 
@@ -22,6 +24,7 @@ def test_simclr_command_line_under_torchrun(tmp_path):
     assert p.stdout.count("results:") == 1  # only rank 0 prints
 
 
+@pytest.mark.slow  # one launch, 15 runs: a minute
 def test_every_method_trains_under_torchrun(tmp_path):
     """One launch, every method file that exists: a 4-step run on 2 processes writes its results."""
     present = [m for m in METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
