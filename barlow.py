@@ -19,14 +19,13 @@ of the global batch. After training, g is thrown away and h = f(x) is the repres
 
 The paper has no CIFAR recipe. CIFAR-10 defaults: solo-learn's CIFAR-10 Barlow Twins
 (scripts/pretrain/cifar/barlow.yaml, augmentations/asymmetric.yaml: ResNet-18 with CIFAR stem, batch
-256, 1000 epochs, projector 2048-2048-2048, the paper's asymmetric augmentations without blur at
-32 px), for which solo-learn reports 92.10% linear top-1 (its online classifier). The optimizer
-is the paper's (Implementation Details, and the official main.py): LARS with trust coefficient 1e-3 that neither
-adapts nor decays biases and BN parameters, base lr 0.2 for weights and 0.0048 for biases and BN
-per 256 images, weight decay 1.5e-6, 10 warmup epochs, cosine decay by a factor 1000; lambda 5e-3.
-solo-learn instead runs a LARS whose per-layer lr is clipped at lr (trust coefficient 0.02, lr 0.3,
-weight decay 1e-4) on the loss scaled by 0.1; common.LARS has no clipping, so those numbers do not
-carry over and the paper's are used. ImageNet (paper): ResNet-50, projector 8192-8192-8192, batch 2048,
+256, 1000 epochs, projector 2048-2048-2048, lambda 0.0051, the paper's asymmetric augmentations
+without blur at 32 px, the loss scaled by 0.1, LARS with trust coefficient 0.02 and each layer's lr
+capped at lr, biases and BN neither adapted nor decayed, lr 0.3 per 256 images, weight decay 1e-4,
+10 warmup epochs, cosine decay to 0), for which solo-learn reports 92.10% linear top-1 (its online
+classifier). The paper's optimizer (Implementation Details, official main.py) is `--lars_eta=0.001
+--lars_clip=false --loss_scale=1 --lr=0.2 --lr_biases=0.0048 --weight_decay=1.5e-6 --final_lr_ratio=0.001`.
+ImageNet (paper): ResNet-50, projector 8192-8192-8192, batch 2048,
 blur on, `--image_size=224 --proj_dim=8192 --blur=true --batch_size=2048`.
 Results of this file: not yet measured (see README).
 Evaluated features: the backbone's pooled output h (512-d for ResNet-18); the probe trains on
@@ -56,17 +55,21 @@ class Config:
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
     proj_dim: int = 2048  # width of each of the projector's three layers (solo-learn CIFAR; 8192 on ImageNet)
     # method
-    lambd: float = 5e-3  # weight of the off-diagonal (redundancy) terms (paper Sec. 2; official code 0.0051)
+    lambd: float = 0.0051  # weight of the off-diagonal (redundancy) terms (official code and solo-learn; paper: ~5e-3)
+    loss_scale: float = 0.1  # the loss is multiplied by this (solo-learn CIFAR; the paper: 1)
     crop_min: float = 0.08  # smallest area fraction of the random resized crop
     blur: bool = False  # the paper's asymmetric blur (view 1 always, view 2 p=0.1); off at 32 px as solo-learn
     # optim
     epochs: int = 1000  # passes over the training images
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
     batch_size: int = 256  # global batch, split across processes
-    lr: float = 0.2  # LARS base lr of the weights per 256 images, scaled linearly with the batch (paper)
-    lr_biases: float = 0.0048  # base lr of biases and BN parameters per 256 images (paper; not LARS-adapted)
-    weight_decay: float = 1.5e-6  # on weights only (not biases and BN), paper (official code: 1e-6)
-    warmup_epochs: int = 10  # linear warmup, then cosine decay to lr / 1000
+    lr: float = 0.3  # LARS base lr per 256 images, scaled linearly with the batch (solo-learn; paper: 0.2)
+    lr_biases: float = 0.0  # base lr of biases and BN per 256 images (0: the same as lr, solo-learn; paper: 0.0048)
+    weight_decay: float = 1e-4  # on weights only, not biases and BN (solo-learn; paper: 1.5e-6)
+    lars_eta: float = 0.02  # LARS trust coefficient (solo-learn; paper: 0.001)
+    lars_clip: bool = True  # cap each layer's adapted lr at lr (solo-learn; paper: false)
+    warmup_epochs: int = 10  # linear warmup, then cosine decay to lr * final_lr_ratio
+    final_lr_ratio: float = 0.0  # the cosine ends at lr times this (solo-learn: 0; paper: 0.001)
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
     probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
@@ -80,8 +83,10 @@ class Config:
 
     def __post_init__(self):
         common.check_config(self)
-        if self.lambd < 0 or self.lr_biases < 0 or self.proj_dim < 1 or not 0 < self.crop_min <= 1:
-            raise ValueError("--lambd and --lr_biases must be >= 0, --proj_dim >= 1 and --crop_min in (0, 1]")
+        if min(self.lambd, self.lr_biases, self.final_lr_ratio) < 0 or self.loss_scale <= 0 or self.lars_eta <= 0:
+            raise ValueError("--lambd, --lr_biases and --final_lr_ratio must be >= 0, --loss_scale and --lars_eta > 0")
+        if self.proj_dim < 1 or not 0 < self.crop_min <= 1:
+            raise ValueError("--proj_dim must be >= 1 and --crop_min in (0, 1]")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -167,12 +172,14 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (paper: base lr x BatchSize / 256)
-    common.print0(f"barlow: {total_steps} steps, LARS lr {lr:.3g} (biases {cfg.lr_biases * cfg.batch_size / 256:.3g}), "
-                  f"lambda {cfg.lambd}, projector {cfg.proj_dim}")
+    bias_ratio = cfg.lr_biases / cfg.lr if cfg.lr_biases else 1.0  # lr of biases and BN / lr of the weights
+    common.print0(f"barlow: {total_steps} steps, LARS lr {lr:.3g} (biases {lr * bias_ratio:.3g}, eta {cfg.lars_eta}, "
+                  f"clip {cfg.lars_clip}), lambda {cfg.lambd}, projector {cfg.proj_dim}")
 
     raw_model = common.sync_batchnorm(BarlowTwins(cfg.arch, cfg.image_size <= 64, cfg.proj_dim).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
-    opt = common.LARS(common.param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9)  # groups: weights, biases+BN
+    opt = common.LARS(common.param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9, eta=cfg.lars_eta,
+                      clip=cfg.lars_clip)  # groups: weights, biases + BN
     start_step = 0
     if state := common.load_checkpoint(cfg, rt):
         raw_model.load_state_dict(state["model"])
@@ -182,16 +189,22 @@ def train(cfg: Config) -> dict:
     def features(x):  # the representation h = f(x) of un-augmented uint8 images
         return raw_model.backbone(common.normalize(common.to_float(x)))
 
+    def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
+        log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    if cfg.eval_every and start_step == 0:
+        with log.paused():  # the monitor at random initialisation: the baseline to beat
+            monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
-        lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr, final_lr=lr / 1000)
+        lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr, lr * cfg.final_lr_ratio)
         common.set_lr(opt, lr_now)
-        opt.param_groups[1]["lr"] = lr_now * cfg.lr_biases / cfg.lr  # biases and BN: the paper's own, smaller lr
+        opt.param_groups[1]["lr"] = lr_now * bias_ratio  # biases and BN (the paper gives them their own, smaller lr)
         # view 1 always blurred, never solarized; view 2 rarely blurred, solarized with p = 0.2 (BYOL's recipe)
         x1, x2 = barlow_view(x, cfg, blur_p=1.0, solarize_p=0.0), barlow_view(x, cfg, blur_p=0.1, solarize_p=0.2)
         with rt.autocast():
             z1, z2 = model(x1, x2)  # (B, proj_dim) each
-        loss = barlow_twins_loss(z1.float(), z2.float(), cfg.lambd)  # statistics and C summed over processes inside
+        loss = cfg.loss_scale * barlow_twins_loss(z1.float(), z2.float(), cfg.lambd)  # statistics and C: global
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -202,7 +215,7 @@ def train(cfg: Config) -> dict:
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
-                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+                    monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)

@@ -21,15 +21,16 @@ codes are those of the global batch. After training, h = f(x) is the representat
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 swav.py
     python swav.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
-The paper has no CIFAR recipe. CIFAR-10 defaults: the official small-batch recipe
-(scripts/swav_200ep_bs256_pretrain.sh: batch 256, LARS with trust coefficient 1e-3 and no clipping,
-lr 0.6, final lr 0.0006, weight decay 1e-6, 3000 prototypes, 128-d features, 2048 hidden, epsilon
-0.05, 3 Sinkhorn iterations, temperature 0.1, queue 3840) at the scale of solo-learn's CIFAR-10 SwAV
-(scripts/pretrain/cifar/swav.yaml and augmentations/symmetric.yaml: ResNet-18 with CIFAR stem, 1000
-epochs, 10 warmup epochs, queue used from epoch 50, two 32 px crops, colour strength 1 and blur
-p=0.5), for which solo-learn reports 89.17% linear top-1 (its online classifier). solo-learn's LARS
-clips the per-layer lr (trust coefficient 0.02) and freezes the prototypes for 2 epochs; the paper
-freezes them for 1. No small crops by default: solo-learn's and lightly's CIFAR recipes use none,
+The paper has no CIFAR recipe. CIFAR-10 defaults: solo-learn's CIFAR-10 SwAV
+(scripts/pretrain/cifar/swav.yaml and augmentations/symmetric.yaml: ResNet-18 with CIFAR stem, batch
+256, 1000 epochs, 3000 prototypes, 128-d features, 2048 hidden, temperature 0.1, queue 3840 used from
+epoch 50, two 32 px crops, colour strength 1 and blur p=0.5, LARS with trust coefficient 0.02 and
+each layer's lr capped at lr, lr 0.6 per 256 images, weight decay 1e-6, 10 warmup epochs), for which
+solo-learn reports 89.17% linear top-1 (its online classifier), with the paper's epsilon 0.05, 3
+Sinkhorn iterations, global crop scale (0.14, 1), prototypes frozen for 1 epoch (solo-learn: 2) and
+the official code's final lr of lr / 1000. The official small-batch ImageNet recipe
+(scripts/swav_200ep_bs256_pretrain.sh) has the same lr, weight decay, queue and prototypes with the
+paper's LARS: `--lars_eta=0.001 --lars_clip=false`. No small crops by default: solo-learn's and lightly's CIFAR recipes use none,
 and a small crop of 5-14% of a 32 px image is a patch of 7-12 pixels a side; `--n_small_crops=6`
 adds 16 px ones (the paper's 96/224 of the global side). ImageNet (paper): `--arch=resnet50
 --image_size=224 --n_small_crops=6 --small_crop_size=96 --batch_size=4096 --lr=0.3 --queue_size=0`.
@@ -80,6 +81,8 @@ class Config:
     batch_size: int = 256  # global batch, split across processes
     lr: float = 0.6  # LARS base lr per 256 images, scaled linearly with the batch
     weight_decay: float = 1e-6  # on weights only (not biases and BN)
+    lars_eta: float = 0.02  # LARS trust coefficient (solo-learn CIFAR; the official code: 0.001)
+    lars_clip: bool = True  # cap each layer's adapted lr at lr (solo-learn CIFAR; the official code: false)
     warmup_epochs: int = 10  # linear warmup, then cosine decay to lr / 1000
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
@@ -96,6 +99,7 @@ class Config:
         common.check_config(self)
         checks = [
             ("temperature", self.temperature > 0, "positive"),
+            ("lars_eta", self.lars_eta > 0, "positive"),
             ("epsilon", self.epsilon >= 0.03, "at least 0.03: exp(+-1/epsilon) of cosines must stay in float32's range"),
             ("sinkhorn_iters", self.sinkhorn_iters >= 1, "at least 1"),
             ("n_prototypes", self.n_prototypes >= 1, "at least 1"),
@@ -226,7 +230,8 @@ def train(cfg: Config) -> dict:
     raw_model = SwAV(cfg.arch, cfg.image_size <= 64, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes)
     raw_model = common.sync_batchnorm(raw_model.to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
-    opt = common.LARS(common.param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9)
+    opt = common.LARS(common.param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9, eta=cfg.lars_eta,
+                      clip=cfg.lars_clip)
     # this process's queue: (2 global crops, queue_size / world, proj_dim), newest features first
     queue = torch.zeros(2, cfg.queue_size // rt.world_size, cfg.proj_dim, device=rt.device)
     start_step = 0
@@ -240,7 +245,13 @@ def train(cfg: Config) -> dict:
     def features(x):  # the representation h = f(x) of un-augmented uint8 images
         return raw_model.backbone(common.normalize(common.to_float(x)))
 
+    def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
+        log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    if cfg.eval_every and start_step == 0:
+        with log.paused():  # the monitor at random initialisation: the baseline to beat
+            monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr, final_lr=lr / 1000)
         common.set_lr(opt, lr_now)
@@ -273,7 +284,7 @@ def train(cfg: Config) -> dict:
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
-                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+                    monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "queue": common.gather_with_grad(queue[None]),  # every process's queue: (W, 2, Q/W, D)
