@@ -333,7 +333,16 @@ def train(cfg: Config) -> dict:
         return raw_model.backbone(common.normalize(common.to_float(x)))
 
     shown = next(data.eval_batches("test", 8))[0]  # the first 8 test images, for the PNG grids
+
+    def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
+        log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
+                   **hole_mse(raw_model, data, fill, cfg, rt)})
+        save_inpaintings(raw_model, shown, fill, cfg, rt, f"inpainting_epoch{epoch:04d}.png")
+
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    if cfg.eval_every and start_step == 0:
+        with log.paused():  # the monitor at random initialisation: the baseline to beat
+            monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
@@ -370,8 +379,7 @@ def train(cfg: Config) -> dict:
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
-                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
-                    save_inpaintings(raw_model, shown, fill, cfg, rt, f"inpainting_epoch{epoch:04d}.png")
+                    monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "opt": opt.state_dict(),
                     "opt_d": opt_d.state_dict(), "step": step + 1, "config": dataclasses.asdict(cfg)}, rt)

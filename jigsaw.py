@@ -262,7 +262,14 @@ def train(cfg: Config) -> dict:
         x = F.interpolate(common.to_float(x), size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
         return raw_model.backbone(standardize(x))
 
+    def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
+        log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
+                   "pretext_top1": jigsaw_accuracy(raw_model, data, rt, perms, cfg)})
+
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    if cfg.eval_every and start_step == 0:
+        with log.paused():  # the monitor at random initialisation: the baseline to beat
+            monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
@@ -281,8 +288,7 @@ def train(cfg: Config) -> dict:
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
-                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
-                               "pretext_top1": jigsaw_accuracy(raw_model, data, rt, perms, cfg)})
+                    monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)

@@ -30,6 +30,7 @@ Evaluated features: the encoder's cls-token output after its final LayerNorm (19
 on whole, un-masked, un-augmented images (probe: plus flips), as the paper's linear probe; the
 paper puts a BatchNorm without affine before the linear layer, and common.linear_probe's
 standardization with the training features' mean and std is exactly that BatchNorm at evaluation.
+Pretext metric: test_loss, mae_loss on the test images under masks fixed for the run.
 """
 
 import dataclasses
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 
@@ -238,6 +238,26 @@ def mae_loss(imgs, pred, mask, p, norm_pix_loss):
 
 
 @torch.no_grad()
+def test_loss(model, data, cfg, rt, batch_size=512):
+    """mae_loss on the un-augmented test images, with the same random masks at every evaluation of a
+    run (a fixed seed per process): the pretext metric. Every process scores its share of the
+    split; the sums are summed over processes."""
+    model.eval()
+    sums = torch.zeros(2, device=rt.device)  # summed loss, images
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):  # the training's draws stay
+        torch.manual_seed(cfg.seed * 1_000_003 + rt.rank)
+        for x, _ in data.eval_batches("test", batch_size):
+            imgs = common.normalize(common.to_float(x))  # (b, 3, S, S)
+            with rt.autocast():
+                pred, mask = model(imgs, cfg.mask_ratio)  # (b, L, p*p*3), (b, L)
+            loss = mae_loss(imgs, pred.float(), mask, cfg.patch_size, cfg.norm_pix_loss)
+            sums += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=rt.device)])
+    model.train()
+    sums = common.all_reduce_sum(sums)  # global: the whole test split
+    return {"test_loss": (sums[0] / sums[1]).item()}
+
+
+@torch.no_grad()
 def save_reconstructions(model, x, cfg, path):
     """PNG of three rows: originals, masked inputs (removed patches grey), reconstructions with the
     visible patches pasted back. x: uint8 (N,3,S,S). With norm_pix_loss the predictions are
@@ -289,7 +309,15 @@ def train(cfg: Config) -> dict:
             x = next(iter(data.eval_batches("test", 8)))[0]
             save_reconstructions(raw_model, x, cfg, os.path.join(cfg.out_dir, name))
 
+    def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
+        log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
+                   **test_loss(raw_model, data, cfg, rt)})
+        reconstructions(f"reconstruction_epoch{epoch}.png")
+
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    if cfg.eval_every and start_step == 0:
+        with log.paused():  # the monitor at random initialisation: the baseline to beat
+            monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
@@ -308,13 +336,12 @@ def train(cfg: Config) -> dict:
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
-                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
-                    reconstructions(f"reconstruction_epoch{epoch}.png")
+                    monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = {**common.evaluate(raw_model, features, data, rt, cfg.probe_epochs), **test_loss(raw_model, data, cfg, rt)}
     reconstructions("reconstruction_final.png")
     if rt.is_main:  # the encoder alone (patch embedding, cls token, blocks, norm): the decoder is discarded
         encoder = {k: v for k, v in raw_model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}

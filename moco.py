@@ -275,7 +275,13 @@ def train(cfg: Config) -> dict:
     def features(x):  # the representation h = f_q(x) of un-augmented uint8 images
         return raw_model.backbone(common.normalize(common.to_float(x)))
 
+    def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
+        log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
+    if cfg.eval_every and start_step == 0:
+        with log.paused():  # the monitor at random initialisation: the baseline to beat
+            monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
@@ -304,7 +310,7 @@ def train(cfg: Config) -> dict:
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
-                    log.write({"step": step + 1, "epoch": epoch, **common.evaluate(raw_model, features, data, rt)})
+                    monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "key_encoder": key_encoder.state_dict(), "queue": queue,
                     "queue_ptr": queue_ptr, "opt": opt.state_dict(), "step": step + 1,

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from conftest import check_nan_guard, check_resume, check_smoke_run, tiny, torchrun
 
-import common
 import cpc
 
 FAST = dict(context_dim=32, context_blocks=1, pred_steps=2)  # the loop's tests need no real context network
@@ -128,7 +127,8 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = check_smoke_run(cpc, tmp_path, **FAST)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16] and "acc" in log[0]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert "acc" in log[1] and log[0]["step"] == 0  # log[0]: the monitor at random initialisation
 
 
 def test_resume_is_exact(tmp_path):
@@ -137,30 +137,3 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     check_nan_guard(cpc, "cpc_loss", monkeypatch, tmp_path, **FAST)
-
-
-@pytest.mark.slow
-def test_cpc_learns_on_synthetic(tmp_path):
-    """Fixed seed: 2,048 synthetic images, tiny patch encoder; for CPU speed a 3 x 3 grid of 16 px
-    patches (stride 8) and K = 2. The test kNN top-1 of the grid-averaged codes must clearly beat the
-    same encoder at random initialisation, and the InfoNCE accuracy of the last steps must beat
-    chance (1 / number of codes in the batch) many times over."""
-    cfg = tiny(cpc.Config, tmp_path, subset=2048, batch_size=64, epochs=10, lr=3e-2, warmup_epochs=0, probe_epochs=0,
-               log_every=8, patch_size=16, patch_stride=8, pred_steps=2, context_dim=64, context_blocks=2)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    torch.manual_seed(cfg.seed)  # the weights train() starts from
-    init = cpc.CPC("tiny", True, cfg.context_dim, cfg.context_blocks, cfg.pred_steps)
-
-    def features(x):
-        return init.encode(cpc.cut_patches(common.normalize(common.to_float(x)), cfg.patch_size, cfg.patch_stride)).mean((1, 2))
-
-    before = common.evaluate(init, features, data, rt)["knn_top1"]
-    after = cpc.train(cfg)["knn_top1"]
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    acc = [r["acc"] for r in log if "acc" in r]
-    chance = 1 / (cfg.batch_size * 3 * 3)
-    print(f"kNN top-1 on synthetic test: random init {before:.4f}, trained {after:.4f}; "
-          f"InfoNCE accuracy first {acc[0]:.4f}, last {acc[-1]:.4f}, chance {chance:.5f}")
-    assert sum(acc[-4:]) / 4 > 3 * chance
-    assert after > before + 0.03

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, load_ckpt, tiny, torchrun
+from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
 
 import common
 import moco
@@ -210,7 +210,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     assert results["steps"] == 16 and results["version"] == 2
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert {"z_std", "pos_cos"} <= set(log[0])
+    assert {"z_std", "pos_cos"} <= set(log[1])  # log[0]: the monitor at random initialisation
     state = load_ckpt(cfg)
     assert state["queue"].shape == (4096, 128) and state["queue_ptr"] == 16 * 64
 
@@ -223,60 +223,5 @@ def test_resume_is_exact_including_queue_and_key_encoder(tmp_path):
     assert state["queue_ptr"] == 8 * 128 % 256  # 8 steps of 2 x 64 keys: the queue was overwritten 4 times
 
 
-
-
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     check_nan_guard(moco, "moco_loss", monkeypatch, tmp_path)
-
-
-def held_out_infonce(encoder, x, cfg):
-    """MoCo's pretext task on held-out images: InfoNCE of each image's first view against the second
-    views of all images (its own is the positive); log(len(x)) means no better than chance."""
-    torch.manual_seed(1)  # the same views for every encoder
-    x1, x2 = moco.moco_view(x, cfg), moco.moco_view(x, cfg)
-    with torch.no_grad():
-        z1, z2 = F.normalize(encoder.eval()(x1), dim=1), F.normalize(encoder(x2), dim=1)
-    return F.cross_entropy(z1 @ z2.T / cfg.temperature, torch.arange(len(x))).item()
-
-
-@pytest.mark.slow
-def test_moco_learns_on_synthetic(tmp_path):
-    """Fixed seed, tiny trunk, 2,560 synthetic images, 80 steps: the pretext loss on 500 held-out
-    images must fall clearly below the random init's, and the kNN top-1 must beat the random init's.
-    MoCo starts slowly on these images (a head without BN, a queue of keys from a lagging encoder):
-    80 steps gain only 1.5 kNN points here (seen: 0.117 -> 0.132; 400 steps on 5,120 images:
-    0.146 -> 0.189), within the noise of 2,000 test images, so the clear kNN margin is asserted on
-    CIFAR-10 below."""
-    cfg = tiny(moco.Config, tmp_path, subset=2560, batch_size=128, epochs=4, queue_size=1024, lr=0.06, temperature=0.2,
-               probe_epochs=0, log_every=20)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    torch.manual_seed(cfg.seed)  # train() builds its query encoder right after this same seeding
-    init = moco.MoCoEncoder("tiny", True, cfg.proj_dim, True, 1)
-    held_out = data.test[0][:500]
-    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
-    pretext_before = held_out_infonce(init, held_out, cfg)
-    after = moco.train(cfg)["knn_top1"]
-    trained = moco.MoCoEncoder("tiny", True, cfg.proj_dim, True, 1)
-    trained.load_state_dict(load_ckpt(cfg)["model"])
-    pretext_after = held_out_infonce(trained, held_out, cfg)
-    print(f"synthetic: kNN top-1 random init {before:.4f}, after 80 steps {after:.4f}; held-out InfoNCE "
-          f"{pretext_before:.4f} -> {pretext_after:.4f} (chance {math.log(len(held_out)):.4f})")
-    assert pretext_after < pretext_before - 0.25
-    assert after > before + 0.005
-
-
-@pytest.mark.slow
-def test_moco_learns_on_cifar10(tmp_path):
-    """Fixed seed: 5,000 CIFAR-10 images, tiny trunk, the default recipe for 57 steps; test kNN must
-    clearly beat the random init."""
-    cfg = tiny(moco.Config, tmp_path, dataset="cifar10", data_dir=cifar10_dir(), subset=5000, batch_size=256, epochs=3,
-               queue_size=1024, lr=0.06, probe_epochs=0, log_every=19)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    torch.manual_seed(cfg.seed)
-    init = moco.MoCoEncoder("tiny", True, cfg.proj_dim, True, 1)
-    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
-    after = moco.train(cfg)["knn_top1"]
-    print(f"CIFAR-10: kNN top-1 on the test set: random init {before:.4f}, after 3 epochs {after:.4f}")
-    assert after > before + 0.02

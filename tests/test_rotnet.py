@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, tiny
+from conftest import check_nan_guard, check_resume, check_smoke_run
 
-import common
 import rotnet
 
 # ------------------------------------------------------------------------------------ rotations
@@ -71,7 +70,7 @@ def test_random_crop_is_a_window_of_the_zero_padded_image():
 
 def test_backbones_and_intermediate_features():
     x = torch.randn(4, 3, 32, 32)
-    for arch, width, mid_width, name in [("tiny", 256, 128, "conv3"), ("nin", 192, 192, "block2"),
+    for arch, width, mid_width, name in [("tiny", 128, 64, "conv3"), ("nin", 192, 192, "block2"),
                                          ("resnet18", 512, 256, "layer3")]:
         model = rotnet.RotNet(arch, True, 4)
         assert model(x).shape == (4, 4) and model.backbone(x).shape == (4, width), arch
@@ -124,28 +123,3 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
 
 # ------------------------------------------------------------------------------------- learning
-
-
-@pytest.mark.slow
-def test_rotnet_learns_on_cifar10(tmp_path):
-    """Fixed seed, 2,048 CIFAR-10 images, tiny trunk, 3 epochs at the default lr: the rotation accuracy on
-    the test images is well above chance (25%) and the trunk's kNN top-1 clearly beats its random init.
-
-    Not on the synthetic set, unlike the other methods: its images look alike in every quarter turn
-    (disks, rings, squares and crosses are symmetric; positions, gradients and stripes are drawn
-    rotation-symmetrically); only triangles, drawn at angles in [0, pi), give a rotation away. Measured
-    there (2,048 images, 3 epochs): loss stays at ln 4, rotation accuracy 25.2%, kNN 12.5% -> 11.4%.
-    Measured here: kNN 0.2491 -> 0.3142 (layer 'conv3': 0.2830), rotation accuracy 0.2428 -> 0.5186.
-    """
-    cfg = tiny(rotnet.Config, tmp_path, dataset="cifar10", data_dir=cifar10_dir(), subset=2048, batch_size=128,
-               epochs=3, probe_epochs=0)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    init = rotnet.RotNet("tiny", True, cfg.nin_blocks)
-    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
-    pretext_before = rotnet.rotation_accuracy(init, data, rt, cfg.image_size)
-    results = rotnet.train(cfg)
-    print(f"kNN top-1: random init {before:.4f}, trained {results['knn_top1']:.4f} (mid {results['knn_top1_mid']:.4f}); "
-          f"rotation accuracy: random init {pretext_before:.4f}, trained {results['pretext_top1']:.4f}")
-    assert results["knn_top1"] > before + 0.03
-    assert results["pretext_top1"] > 0.40 and results["pretext_top1"] > pretext_before + 0.15

@@ -63,7 +63,8 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = check_smoke_run(simclr, tmp_path)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16] and "z_std" in log[0]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert "z_std" in log[1] and log[0]["step"] == 0  # log[0]: the monitor at random initialisation
 
 
 def test_resume_is_exact(tmp_path):
@@ -117,17 +118,3 @@ def test_cifar10_loads_through_the_user_path(tmp_path):
     assert xtr.shape == (50000, 3, 32, 32) and xte.shape == (10000, 3, 32, 32) and xtr.dtype == torch.uint8
     assert ytr.bincount().tolist() == [5000] * 10 and yte.bincount().tolist() == [1000] * 10
     assert data.classes[0] == "airplane" and data.steps_per_epoch == 50000 // 64
-
-
-@pytest.mark.slow
-def test_simclr_learns_on_cifar10(tmp_path):
-    """Fixed seed: 5,000 CIFAR-10 images, tiny trunk; test kNN must clearly beat the random init."""
-    cfg = tiny(simclr.Config, tmp_path, dataset="cifar10", data_dir=cifar10_dir(), subset=5000, batch_size=256,
-               epochs=3, lr=1.0, probe_epochs=0)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    init = simclr.SimCLR("tiny", True, cfg.proj_dim)
-    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
-    after = simclr.train(cfg)["knn_top1"]
-    print(f"kNN top-1 on CIFAR-10 test: random init {before:.4f}, after 3 epochs {after:.4f}")
-    assert after > before + 0.02
