@@ -265,9 +265,9 @@ def make_synthetic(n, size=32, seed=0):
 
     10 classes = 5 shapes (disk, square, triangle, ring, cross) x 2 fills (plain, striped), each
     under a random foreground and background colour, position, scale, tilt, stripe frequency and
-    orientation, background gradient and pixel noise. Colour carries no class information. Shapes
-    stand upright, tilted by at most 1/4 radian, as objects in photographs do: the triangles give a
-    rotation away (the others are symmetric), so that predicting rotations has something to learn.
+    orientation, background gradient and pixel noise. Colour carries no class information. As in
+    photographs, shapes stand upright (tilted by at most 1/4 radian) and scenes are lit from above
+    (brighter at the top), so that predicting rotations has something to learn.
     """
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
@@ -293,7 +293,8 @@ def make_synthetic(n, size=32, seed=0):
     fill = torch.where((striped & stripes)[:, None], 0.3 * fg2 + 0.7 * (1 - fg), fg)
     t = ((xx * (u(n, 1, 1) - 0.5) + yy * (u(n, 1, 1) - 0.5)) + 0.5).clamp(0, 1)[:, None]
     back = bg * (1 - t) + bg2 * t
-    img = torch.where(inside[:, None], fill, back) + 0.04 * torch.randn(n, 3, size, size, generator=g)
+    light = 1.15 - 0.15 * (yy + 1)  # lit from above, as scenes in photographs are: 1.15 at the top, 0.85 at the bottom
+    img = torch.where(inside[:, None], fill, back) * light + 0.04 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
