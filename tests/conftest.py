@@ -48,6 +48,46 @@ def load_ckpt(cfg):
     return torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
 
 
+def first_test_images(load_data, n):
+    """common.load_data, but the test split keeps only its first n images (cheaper evaluations)."""
+    def load(cfg, rt):
+        data = load_data(cfg, rt)
+        data.test = tuple(t[:n] for t in data.test)
+        return data
+    return load
+
+
+def learning_run(module, tmp_path, probe_epochs=0, test_images=0, **overrides):
+    """A fixed-seed run whose monitor evaluates the random initialisation (step 0) and whose final
+    evaluation scores the trained encoder on the same images. With probe_epochs, the monitor runs the
+    linear probe too (common.evaluate is wrapped for the run); with test_images, every evaluation
+    scores the first test_images test images only (common.load_data is wrapped). Prints both and
+    returns (init record, results, training-step records)."""
+    epochs = overrides.pop("epochs")
+    cfg = tiny(module.Config, tmp_path, epochs=epochs, eval_every=epochs, probe_epochs=probe_epochs, **overrides)
+    common = module.common
+    real_evaluate, real_load = common.evaluate, common.load_data
+
+    def evaluate(model, features, data, rt, probe=0):
+        return real_evaluate(model, features, data, rt, probe or probe_epochs)
+
+    common.evaluate = evaluate if probe_epochs else real_evaluate
+    common.load_data = first_test_images(real_load, test_images) if test_images else real_load
+    try:
+        results = module.train(cfg)
+    finally:
+        common.evaluate, common.load_data = real_evaluate, real_load
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    init = next(r for r in log if r["step"] == 0)
+    steps = [r for r in log if "loss" in r]
+    shown = [k for k in ("knn_top1", "linear_top1") + tuple(k for k in init if k.endswith(("top1", "mse", "auc", "_loss")))
+             if init.get(k) is not None and isinstance(results.get(k), float)]
+    print(f"{module.__name__} on {cfg.dataset}, {results['steps']} steps: " +
+          ", ".join(f"{k} {init[k]:.4f} -> {results[k]:.4f}" for k in dict.fromkeys(shown)) +
+          f"; loss {steps[0]['loss']:.4g} -> {steps[-1]['loss']:.4g}; {results['train_seconds']:.0f} s training")
+    return init, results, steps
+
+
 # ------------------------------------------------------------------------ the method-file contract
 
 
@@ -105,10 +145,12 @@ def check_nan_guard(module, loss_name, monkeypatch, tmp_path, **overrides):
     calls = []
     real_loss = getattr(module, loss_name)
 
-    def diverging(*args, **kwargs):
+    def diverging(*args, **kwargs):  # the loss (or the first of the values the loss function returns) turns NaN
         calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 11 else loss
+        out = real_loss(*args, **kwargs)
+        if len(calls) < 11:
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
 
     monkeypatch.setattr(module, loss_name, diverging)
     cfg = tiny(module.Config, tmp_path, epochs=3, log_every=4, **overrides)  # 8 steps per epoch

@@ -228,26 +228,3 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     check_nan_guard(clip, "clip_loss", monkeypatch, tmp_path, **TEXT)
-
-
-@pytest.mark.slow
-def test_clip_learns_on_synthetic(tmp_path):
-    """Fixed seed, synthetic data, captions from the class names: zero-shot top-1 must clearly beat
-    chance (10 classes), the trained image tower's kNN the random init's, and the loss must fall."""
-    # warmup matters here: without it both towers first collapse to constant embeddings (loss = log N)
-    # and stay there for ~200 steps before the class signal gets through
-    cfg = tiny(clip.Config, tmp_path, subset=2048, batch_size=64, epochs=5, warmup_epochs=1, lr=8e-3, probe_epochs=0,
-               log_every=8, **TEXT)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    torch.manual_seed(cfg.seed)
-    init = small_clip()
-    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt)["knn_top1"]
-    results = clip.train(cfg)
-    losses = [json.loads(line)["loss"] for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
-    print(f"kNN top-1: random init {before:.4f}, trained {results['knn_top1']:.4f}; zero-shot top-1 "
-          f"{results['zero_shot_top1']:.4f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    # seen (1 thread): random init 0.1245, trained 0.2280; zero-shot 0.2245; loss 4.471 -> 3.698
-    assert results["zero_shot_top1"] > 0.15  # chance is 0.10
-    assert results["knn_top1"] > before + 0.05
-    assert losses[-1] < losses[0] - 0.3

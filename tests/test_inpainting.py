@@ -232,24 +232,3 @@ def test_two_processes_equal_one_process_on_the_global_batch():
     """Both DDP-wrapped networks: D (called twice before its backward) and F get the one-process gradients."""
     p = torchrun(["tests/dist_inpainting_step.py"])
     assert p.stdout.count("max grad diff") == 2, p.stdout
-
-
-@pytest.mark.slow
-def test_inpainting_learns_on_synthetic(tmp_path):
-    """Fixed seed, tiny trunk, synthetic shapes, 128 steps of 32 images: the trained encoder's linear-probe
-    top-1 must clearly beat its random initialisation, and the test-set hole L2 must fall below both its
-    value at initialisation and the mean-fill baseline. (The kNN top-1 moves too little for a test at this
-    budget: 0.1245 -> 0.13 in this run; inpainting features separate these classes slowly.)"""
-    cfg = tiny(inpainting.Config, tmp_path, subset=2048, batch_size=32, epochs=2, probe_epochs=30, **SMALL_D)
-    rt = common.setup(cfg)
-    data = common.load_data(cfg, rt)
-    init = inpainting.ContextEncoder("tiny", True, 32)  # the weights train() starts from (same seed)
-    before = common.evaluate(init, lambda x: init.backbone(common.normalize(common.to_float(x))), data, rt,
-                             cfg.probe_epochs)["linear_top1"]
-    mse_before = inpainting.hole_mse(init, data, inpainting.dataset_mean(data), cfg, rt)["hole_mse"]
-    results = inpainting.train(cfg)
-    after, mse_after, mse_fill = results["linear_top1"], results["hole_mse"], results["hole_mse_mean_fill"]
-    print(f"linear top-1: random init {before:.4f}, trained {after:.4f} (kNN {results['knn_top1']:.4f}); "
-          f"hole MSE: init {mse_before:.4f}, trained {mse_after:.4f}, mean fill {mse_fill:.4f}")
-    assert after > before + 0.025  # observed +0.049 (0.1835 -> 0.2325)
-    assert mse_after < min(mse_before, mse_fill) - 0.01  # observed 0.0577 -> 0.0331, mean fill 0.0572

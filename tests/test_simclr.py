@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, tiny
+from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, first_test_images, tiny
 
 import common
 import simclr
@@ -97,7 +97,8 @@ def test_compiled_run_checkpoint_loads_into_plain_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_encoder_loads_into_torchvision_resnet18(tmp_path):
+def test_encoder_loads_into_torchvision_resnet18(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_data", first_test_images(common.load_data, 64))  # a cheap final evaluation
     cfg = tiny(simclr.Config, tmp_path, arch="resnet18", subset=16, batch_size=8, max_steps=1, probe_epochs=0)
     simclr.train(cfg)
     # the two lines of the README

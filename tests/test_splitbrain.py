@@ -35,8 +35,9 @@ def test_each_half_sees_only_its_own_channels(mode):
     assert ab_logits.shape == (4, 229, 8, 8) and l_logits.shape == (4, 50, 8, 8) and f.shape == (4, 256)
     assert torch.equal(ab_logits_2, ab_logits) and not torch.allclose(l_logits_2, l_logits)
     assert torch.equal(l_logits_3, l_logits) and not torch.allclose(ab_logits_3, ab_logits)
-    assert torch.equal(f2[:, :256], f[:, :256]) and not torch.allclose(f2[:, 256:], f[:, 256:])
-    assert torch.equal(f3[:, 256:], f[:, 256:]) and not torch.allclose(f3[:, :256], f[:, :256])
+    half = f.shape[1] // 2  # features = [L -> ab trunk | ab -> L trunk]
+    assert torch.equal(f2[:, :half], f[:, :half]) and not torch.allclose(f2[:, half:], f[:, half:])
+    assert torch.equal(f3[:, half:], f[:, half:]) and not torch.allclose(f3[:, :half], f[:, :half])
 
 
 def test_halves_read_one_and_two_channels():
