@@ -8,10 +8,17 @@
 2. One SimCLR training step (two views, ResNet-18 + projector, NT-Xent, LARS) vs a bare ResNet-18
    forward+backward on the same two views: the cost of everything that is not the backbone.
 3. On CUDA: SimCLR ResNet-18 at batch 512, bf16, compiled: images/s and model FLOPs utilisation.
+4. Every method's training loop at one small CPU configuration (tiny trunk, synthetic data, batch
+   128, 24 steps, the learning tests' CPU-sized heads): training images/s as train() reports it
+   (evaluation excluded), its ratio to a bare tiny-trunk forward+backward on two 32 px views of the
+   same batch (what a two-view method cannot avoid), and the peak resident memory of the process
+   that ran it. Each method runs in a fresh process.
 """
 
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -19,9 +26,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 import common  # noqa: E402
 import simclr  # noqa: E402
+from conftest import METHODS  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
@@ -99,6 +107,52 @@ def flops_per_step(raw, views):
     return counter.get_total_flops()
 
 
+METHOD_RUN = """
+import json, resource, sys, tempfile
+sys.path[:0] = [{root!r}, {tests!r}]
+from pathlib import Path
+import importlib
+from conftest import tiny
+from test_learning import SYNTHETIC
+module = importlib.import_module({name!r})
+settings = {{k: v for k, v in SYNTHETIC[{name!r}][0].items() if k not in ("epochs", "subset", "batch_size", "probe_epochs")}}
+with tempfile.TemporaryDirectory() as tmp:
+    cfg = tiny(module.Config, Path(tmp), subset=3072, batch_size=128, epochs=1, max_steps=24, log_every=8, probe_epochs=0,
+               **settings)
+    results = module.train(cfg)
+print("BENCH", json.dumps(dict(images_per_second=results["images_per_second"],
+                               peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+
+def method_rows(methods):
+    """(method, images/s, peak MB) for each method, each in a fresh process (2 threads, CPU)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for name in methods:
+        code = METHOD_RUN.format(root=root, tests=os.path.join(root, "tests"), name=name)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        line = next((x for x in p.stdout.splitlines() if x.startswith("BENCH ")), None)
+        if line is None:
+            raise SystemExit(f"{name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        r = json.loads(line[6:])
+        rows.append((name, r["images_per_second"], r["peak_mb"]))
+    return rows
+
+
+def bare_tiny_images_per_second(batch=128):
+    """Images/s of a bare tiny-trunk forward+backward on two 32 px views of each image (CPU)."""
+    torch.manual_seed(0)
+    trunk = common.resnet("tiny")[0]
+    views = torch.randn(2 * batch, 3, 32, 32)
+
+    def step():
+        trunk.zero_grad(set_to_none=True)
+        trunk(views).sum().backward()
+
+    return batch / timed(step, torch.device("cpu"), 5)
+
+
 def main():
     cpu = torch.device("cpu")
     devices = [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -132,6 +186,14 @@ def main():
         print("| GPU | images/s | model TFLOP/s | MFU (bf16 dense peak) |")
         print("|---|---|---|---|")
         print(f"| {gpu} | {512 / step:,.0f} | {flops / step / 1e12:.1f} | {mfu} |")
+
+    print("\n## 4. Every method's training loop (CPU: tiny trunk, synthetic data, batch 128, 24 steps)\n")
+    bare = bare_tiny_images_per_second()
+    print(f"bare tiny trunk, forward+backward of 2 views of 32 px: {bare:,.0f} images/s\n")
+    print("| method | training images/s | time per image / bare two-view trunk | peak memory (MB) |")
+    print("|---|---|---|---|")
+    for name, ips, mb in method_rows(METHODS):
+        print(f"| {name} | {ips:,.0f} | {bare / ips:.2f} | {mb:,.0f} |")
 
 
 if __name__ == "__main__":
