@@ -91,7 +91,7 @@ def learning_run(module, tmp_path, probe_epochs=0, test_images=0, **overrides):
 # ------------------------------------------------------------------------ the method-file contract
 
 
-def check_smoke_run(module, tmp_path, extra_keys=(), **overrides):
+def assert_smoke_run(module, tmp_path, extra_keys=(), **overrides):
     """2 epochs with the kNN monitor after each: log.jsonl, ckpt.pt and results.json as DESIGN.md says."""
     cfg = tiny(module.Config, tmp_path, epochs=2, eval_every=1, **overrides)
     results = module.train(cfg)
@@ -109,7 +109,7 @@ def check_smoke_run(module, tmp_path, extra_keys=(), **overrides):
     return cfg, results
 
 
-def check_resume(module, tmp_path, **overrides):
+def assert_resumes_exactly(module, tmp_path, **overrides):
     """N steps straight == N/2 steps, stop (mid-epoch), resume to N: identical weights and state."""
     kw = dict(subset=320, epochs=2, eval_every=1, probe_epochs=0, **overrides)
     straight = tiny(module.Config, tmp_path / "a", max_steps=8, **kw)
@@ -139,7 +139,7 @@ def assert_same(a, b, path="ckpt"):
         assert a == b, path
 
 
-def check_nan_guard(module, loss_name, monkeypatch, tmp_path, **overrides):
+def assert_nan_stops_the_run(module, loss_name, monkeypatch, tmp_path, **overrides):
     """A loss that turns NaN at the 11th step stops the run naming that step; the checkpoint of
     epoch 1 (step 8) stays, with finite weights."""
     calls = []

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
 import barlow
 
@@ -91,7 +91,7 @@ def test_config_rejects_impossible_values():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(barlow, tmp_path, **FAST)
+    cfg, results = assert_smoke_run(barlow, tmp_path, **FAST)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
@@ -112,11 +112,11 @@ def test_own_lr_of_biases_follows_the_schedule(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(barlow, tmp_path, **FAST)
+    assert_resumes_exactly(barlow, tmp_path, **FAST)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(barlow, "barlow_twins_loss", monkeypatch, tmp_path, **FAST)
+    assert_nan_stops_the_run(barlow, "barlow_twins_loss", monkeypatch, tmp_path, **FAST)
 
 
 # ---------------------------------------------------------------------------------------- learning

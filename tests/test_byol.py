@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import byol
 import common
@@ -105,7 +105,7 @@ def initial_weights(cfg):
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(byol, tmp_path, extra_keys=("z_std",), proj_hidden=64)
+    cfg, results = assert_smoke_run(byol, tmp_path, extra_keys=("z_std",), proj_hidden=64)
     assert results["steps"] == 16 and 0 < results["z_std"] < 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
@@ -118,11 +118,11 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(byol, tmp_path, proj_hidden=64)
+    assert_resumes_exactly(byol, tmp_path, proj_hidden=64)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(byol, "byol_loss", monkeypatch, tmp_path, proj_hidden=64)
+    assert_nan_stops_the_run(byol, "byol_loss", monkeypatch, tmp_path, proj_hidden=64)
 
 
 def test_config_rejects_impossible_values():

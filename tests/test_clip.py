@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
 import clip
 import common
@@ -215,7 +215,7 @@ def test_stl10_classes_demo_pretrains_on_the_labelled_images_only(tmp_path):
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(clip, tmp_path, extra_keys=("zero_shot_top1", "logit_scale"), **TEXT)
+    cfg, results = assert_smoke_run(clip, tmp_path, extra_keys=("zero_shot_top1", "logit_scale"), **TEXT)
     assert results["steps"] == 16 and 0 <= results["zero_shot_top1"] <= 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert any("zero_shot_top1" in r and r.get("epoch") == 1 for r in log)  # zero-shot monitor after epoch 1
@@ -223,8 +223,8 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(clip, tmp_path, **TEXT)
+    assert_resumes_exactly(clip, tmp_path, **TEXT)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(clip, "clip_loss", monkeypatch, tmp_path, **TEXT)
+    assert_nan_stops_the_run(clip, "clip_loss", monkeypatch, tmp_path, **TEXT)

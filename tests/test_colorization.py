@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
 import colorization
 import common
@@ -150,7 +150,7 @@ def test_config_rejects_impossible_values():
 
 
 def test_smoke_run_writes_results_and_colorization_pngs(tmp_path):
-    cfg, results = check_smoke_run(colorization, tmp_path, extra_keys=("color_top1", "color_auc", "ab_bins"))
+    cfg, results = assert_smoke_run(colorization, tmp_path, extra_keys=("color_top1", "color_auc", "ab_bins"))
     assert results["ab_bins"] == N_BINS and 0 <= results["color_top1"] <= 1 and 0 < results["color_auc"] <= 1
     for name in ("colorization_epoch0001.png", "colorization.png"):  # after epoch 1's monitor, and at the end
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
@@ -158,11 +158,11 @@ def test_smoke_run_writes_results_and_colorization_pngs(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(colorization, tmp_path)
+    assert_resumes_exactly(colorization, tmp_path)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(colorization, "colorization_loss", monkeypatch, tmp_path)
+    assert_nan_stops_the_run(colorization, "colorization_loss", monkeypatch, tmp_path)
 
 
 def test_colour_metrics_of_a_perfect_predictor(tmp_path):

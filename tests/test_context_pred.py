@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
 import context_pred
 
@@ -126,7 +126,7 @@ def test_config_checks():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(context_pred, tmp_path, extra_keys=("pretext_top1",), **SMALL)
+    cfg, results = assert_smoke_run(context_pred, tmp_path, extra_keys=("pretext_top1",), **SMALL)
     assert results["steps"] == 16 and 0 <= results["pretext_top1"] <= 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert all("pretext_acc" in r for r in log if "loss" in r)
@@ -134,11 +134,11 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(context_pred, tmp_path, **SMALL)
+    assert_resumes_exactly(context_pred, tmp_path, **SMALL)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(context_pred, "context_loss", monkeypatch, tmp_path, **SMALL)
+    assert_nan_stops_the_run(context_pred, "context_loss", monkeypatch, tmp_path, **SMALL)
 
 
 # ------------------------------------------------------------------------------------- learning

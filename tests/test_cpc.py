@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny, torchrun
 
 import cpc
 
@@ -124,7 +124,7 @@ def test_two_processes_equal_one_process_on_the_global_batch():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(cpc, tmp_path, **FAST)
+    cfg, results = assert_smoke_run(cpc, tmp_path, **FAST)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
@@ -132,8 +132,8 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(cpc, tmp_path, **FAST)
+    assert_resumes_exactly(cpc, tmp_path, **FAST)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(cpc, "cpc_loss", monkeypatch, tmp_path, **FAST)
+    assert_nan_stops_the_run(cpc, "cpc_loss", monkeypatch, tmp_path, **FAST)

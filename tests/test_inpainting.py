@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
 import common
 import inpainting
@@ -141,7 +141,7 @@ def test_decoder_paints_the_whole_image_from_the_evaluated_trunk(arch, size):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One check_smoke_run (2 epochs of 8 steps, kNN monitor after the first), with a hook on every
+    """One assert_smoke_run (2 epochs of 8 steps, kNN monitor after the first), with a hook on every
     optimizer step that notes whose optimizer stepped (D's, F's or another, e.g. the linear probe's)
     and snapshots the parameters of both networks after it. -> (cfg, results, events)."""
     nets, events = {}, []  # events: (None for the start | "D" | "F", {"D": [params], "F": [params]})
@@ -176,7 +176,7 @@ def smoke(tmp_path_factory):
         mp.setattr(inpainting, "Discriminator", RecordedD)
         handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]  # every optimizer
         try:
-            cfg, results = check_smoke_run(inpainting, tmp_path_factory.mktemp("smoke"),
+            cfg, results = assert_smoke_run(inpainting, tmp_path_factory.mktemp("smoke"),
                                            extra_keys=("hole_mse", "hole_mse_mean_fill"), **SMALL_D)
         finally:
             for h in handles:
@@ -212,12 +212,12 @@ def test_smoke_run_writes_log_ckpt_results_and_pictures(smoke):
 
 
 def test_resume_is_exact_with_discriminator_and_random_masks(tmp_path):
-    check_resume(inpainting, tmp_path, mask="regions", **SMALL_D)
+    assert_resumes_exactly(inpainting, tmp_path, mask="regions", **SMALL_D)
     assert {"disc", "opt_d"} <= set(load_ckpt(tiny(inpainting.Config, tmp_path / "b")))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(inpainting, "reconstruction_loss", monkeypatch, tmp_path, **SMALL_D)
+    assert_nan_stops_the_run(inpainting, "reconstruction_loss", monkeypatch, tmp_path, **SMALL_D)
 
 
 @pytest.mark.parametrize("key,value", [("mask", "ring"), ("image_size", 48), ("overlap", 8), ("adv_weight", -1.0),

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
 import jigsaw
 
@@ -162,7 +162,7 @@ def test_config_checks():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(jigsaw, tmp_path, extra_keys=("pretext_top1",), **SMALL)
+    cfg, results = assert_smoke_run(jigsaw, tmp_path, extra_keys=("pretext_top1",), **SMALL)
     assert results["steps"] == 16 and results["n_perms"] == 100 and 0 <= results["pretext_top1"] <= 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert all("pretext_acc" in r for r in log if "loss" in r)
@@ -170,11 +170,11 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(jigsaw, tmp_path, **SMALL)
+    assert_resumes_exactly(jigsaw, tmp_path, **SMALL)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(jigsaw, "jigsaw_loss", monkeypatch, tmp_path, **SMALL)
+    assert_nan_stops_the_run(jigsaw, "jigsaw_loss", monkeypatch, tmp_path, **SMALL)
 
 
 # ------------------------------------------------------------------------------------- learning

@@ -103,7 +103,7 @@ CIFAR10 = {name: ({**SYNTHETIC[name][0], "subset": 4096, "epochs": 2, "test_imag
            for name, (extra, checks) in CIFAR10.items()}
 
 
-def check(init, results, steps, checks):
+def assert_learned(init, results, steps, checks):
     for key, margin in checks.get("gain", {}).items():
         assert results[key] > init[key] + margin, (key, init[key], results[key])
     for key, margin in checks.get("drop", {}).items():
@@ -126,4 +126,4 @@ def test_learns(name, tmp_path):
     else:
         (settings, checks), where = SYNTHETIC[name], {}
     init, results, steps = learning_run(module, tmp_path, log_every=8, **where, **settings)
-    check(init, results, steps, checks)
+    assert_learned(init, results, steps, checks)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
 import mae
 
@@ -136,7 +136,7 @@ def test_config_rejects_impossible_values(tmp_path):
 
 
 def test_smoke_run_writes_log_ckpt_results_and_pngs(tmp_path):
-    cfg, results = check_smoke_run(mae, tmp_path, **SMALL_DECODER)
+    cfg, results = assert_smoke_run(mae, tmp_path, **SMALL_DECODER)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
@@ -148,8 +148,8 @@ def test_smoke_run_writes_log_ckpt_results_and_pngs(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(mae, tmp_path, **SMALL_DECODER)
+    assert_resumes_exactly(mae, tmp_path, **SMALL_DECODER)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(mae, "mae_loss", monkeypatch, tmp_path, **SMALL_DECODER)
+    assert_nan_stops_the_run(mae, "mae_loss", monkeypatch, tmp_path, **SMALL_DECODER)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
 import common
 import moco
@@ -206,7 +206,7 @@ def test_two_processes_share_the_queue_and_shuffle_across_processes(tmp_path):
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(moco, tmp_path, extra_keys=("version",))
+    cfg, results = assert_smoke_run(moco, tmp_path, extra_keys=("version",))
     assert results["steps"] == 16 and results["version"] == 2
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
@@ -217,11 +217,11 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 def test_resume_is_exact_including_queue_and_key_encoder(tmp_path):
     """v1 with the symmetric loss, a queue that wraps around: weights, key encoder, queue, pointer."""
-    check_resume(moco, tmp_path, version=1, symmetric=True, queue_size=256)
+    assert_resumes_exactly(moco, tmp_path, version=1, symmetric=True, queue_size=256)
     state = load_ckpt(tiny(moco.Config, tmp_path / "b", version=1, symmetric=True, queue_size=256))
     assert {"model", "key_encoder", "queue", "queue_ptr", "opt"} <= set(state)
     assert state["queue_ptr"] == 8 * 128 % 256  # 8 steps of 2 x 64 keys: the queue was overwritten 4 times
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(moco, "moco_loss", monkeypatch, tmp_path)
+    assert_nan_stops_the_run(moco, "moco_loss", monkeypatch, tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run
 
 import rotnet
 
@@ -105,7 +105,7 @@ def test_config_checks():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", "knn_top1_mid", "linear_top1_mid"))
+    cfg, results = assert_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", "knn_top1_mid", "linear_top1_mid"))
     assert results["steps"] == 16 and results["mid_features"] == "conv3"
     assert 0 <= results["pretext_top1"] <= 1 and 0 <= results["knn_top1_mid"] <= 1 and 0 <= results["linear_top1_mid"] <= 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
@@ -115,11 +115,11 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(rotnet, tmp_path)
+    assert_resumes_exactly(rotnet, tmp_path)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(rotnet, "rotation_loss", monkeypatch, tmp_path)
+    assert_nan_stops_the_run(rotnet, "rotation_loss", monkeypatch, tmp_path)
 
 
 # ------------------------------------------------------------------------------------- learning

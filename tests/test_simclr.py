@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, cifar10_dir, first_test_images, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, cifar10_dir, first_test_images, tiny
 
 import common
 import simclr
@@ -60,7 +60,7 @@ def test_nt_xent_identities():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(simclr, tmp_path)
+    cfg, results = assert_smoke_run(simclr, tmp_path)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
@@ -68,7 +68,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(simclr, tmp_path)
+    assert_resumes_exactly(simclr, tmp_path)
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -78,7 +78,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(simclr, "nt_xent_loss", monkeypatch, tmp_path)
+    assert_nan_stops_the_run(simclr, "nt_xent_loss", monkeypatch, tmp_path)
 
 
 @pytest.mark.slow  # bf16 is emulated on CPUs without AVX-512 BF16: ~10x slower than float32

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import common
 import simsiam
@@ -95,7 +95,7 @@ def test_predictor_lr_stays_fixed_in_training_while_the_rest_decays(tmp_path):
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(simsiam, tmp_path, extra_keys=("z_std",), **SMALL)
+    cfg, results = assert_smoke_run(simsiam, tmp_path, extra_keys=("z_std",), **SMALL)
     assert results["steps"] == 16 and 0 < results["z_std"] < 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
@@ -111,11 +111,11 @@ def test_z_std_is_about_one_over_sqrt_d_for_random_z_and_zero_when_collapsed():
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(simsiam, tmp_path, **SMALL)
+    assert_resumes_exactly(simsiam, tmp_path, **SMALL)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(simsiam, "simsiam_loss", monkeypatch, tmp_path, **SMALL)
+    assert_nan_stops_the_run(simsiam, "simsiam_loss", monkeypatch, tmp_path, **SMALL)
 
 
 def test_config_rejects_impossible_values():

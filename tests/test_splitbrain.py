@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import check_nan_guard, check_resume, check_smoke_run
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run
 
 import colorization
 import common
@@ -121,7 +121,7 @@ def test_config_rejects_impossible_values():
 
 
 def test_smoke_run_writes_results_and_prediction_pngs(tmp_path):
-    cfg, results = check_smoke_run(splitbrain, tmp_path, extra_keys=("ab_top1", "l_top1", "ab_bins"))
+    cfg, results = assert_smoke_run(splitbrain, tmp_path, extra_keys=("ab_top1", "l_top1", "ab_bins"))
     assert results["ab_bins"] == 229 and 0 <= results["ab_top1"] <= 1 and 0 <= results["l_top1"] <= 1
     for name in ("splitbrain_epoch0001.png", "splitbrain.png"):  # after epoch 1's monitor, and at the end
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
@@ -131,8 +131,8 @@ def test_smoke_run_writes_results_and_prediction_pngs(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    check_resume(splitbrain, tmp_path)
+    assert_resumes_exactly(splitbrain, tmp_path)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(splitbrain, "split_brain_loss", monkeypatch, tmp_path)
+    assert_nan_stops_the_run(splitbrain, "split_brain_loss", monkeypatch, tmp_path)

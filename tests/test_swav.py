@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_nan_guard, check_resume, check_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
 import swav
 
@@ -177,7 +177,7 @@ FEATURES = dict(n_small_crops=2, queue_size=128, queue_start_epoch=1)  # multi-c
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = check_smoke_run(swav, tmp_path, **FEATURES)
+    cfg, results = assert_smoke_run(swav, tmp_path, **FEATURES)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
@@ -186,11 +186,11 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact_including_the_queue(tmp_path):
-    check_resume(swav, tmp_path, queue_size=128, queue_start_epoch=1)  # 5 steps per epoch: queue in use after the resume
+    assert_resumes_exactly(swav, tmp_path, queue_size=128, queue_start_epoch=1)  # 5 steps per epoch: queue in use after the resume
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    check_nan_guard(swav, "swav_loss", monkeypatch, tmp_path)
+    assert_nan_stops_the_run(swav, "swav_loss", monkeypatch, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------- learning
