@@ -37,25 +37,38 @@ def main():
     data_dir = os.environ.get("SSL_DATA", "")
     if not os.path.exists(os.path.join(data_dir, "cifar10.npz")):
         sys.exit("set SSL_DATA to the folder holding cifar10.npz (e.g. SSL_DATA=../shared/data)")
-    rows = []
+    rows = kept_rows(epochs, subset)  # method -> row: a rerun of some methods keeps the others' rows
     for name in names:
         settings = dict(CIFAR10[name][0], subset=subset, epochs=epochs, test_images=0, log_every=100)
+        settings.pop("probe_epochs", None)  # every run here has the same probe
         t = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             init, results, _ = learning_run(importlib.import_module(name), Path(tmp), probe_epochs=PROBE_EPOCHS,
                                             dataset="cifar10", data_dir=data_dir, **settings)
         flags = " ".join(f"--{k}={v}" for k, v in settings.items() if k not in ("log_every", "test_images"))
-        rows.append(f"| {name} | {epochs} | {results['steps']} | {init['knn_top1']:.2%} -> {results['knn_top1']:.2%} | "
+        rows[name] = (f"| {name} | {epochs} | {results['steps']} | {init['knn_top1']:.2%} -> {results['knn_top1']:.2%} | "
                     f"{init['linear_top1']:.2%} -> {results['linear_top1']:.2%} | {results['images_per_second']:.0f} | "
                     f"{(time.time() - t) / 60:.1f} min | `python {name}.py --dataset=cifar10 --arch=tiny {flags}` |")
         write(rows, epochs, subset)
+
+
+def command(epochs, subset):
+    return f"SSL_DATA=../shared/data python tests/results_cpu.py --subset={subset} --epochs={epochs}"
+
+
+def kept_rows(epochs, subset):
+    """The rows of an earlier results_cpu.md written with the same subset and epochs."""
+    if not os.path.exists(OUT) or command(epochs, subset) not in open(OUT).read():
+        return {}
+    rows = [line.rstrip("\n") for line in open(OUT) if line.startswith("| ") and not line.startswith("| method")]
+    return {row.split("|")[1].strip(): row for row in rows}
 
 
 def write(rows, epochs, subset):
     with open(OUT, "w") as f:
         f.write(f"""# CPU results on CIFAR-10 (JPEG q75 copy)
 
-Written by `SSL_DATA=../shared/data python tests/results_cpu.py --subset={subset} --epochs={epochs}` on {time.strftime('%Y-%m-%d')}:
+Written by `{command(epochs, subset)}` on {time.strftime('%Y-%m-%d')}:
 {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, no GPU. Every run trains the `tiny`
 trunk (4 convolutions, 128-d features) on the first {subset or 50_000:,} training images with its learning test's
 settings (tests/test_learning.py), fixed seed; "init -> trained" compares the very network before
@@ -66,7 +79,7 @@ ResNet-18 epochs: they show that each method learns, not what it reaches.
 
 | method | epochs | steps | kNN top-1: init -> trained | linear top-1: init -> trained | images/s | wall time | command |
 |---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n")
+""" + "\n".join(rows[m] for m in METHODS if m in rows) + "\n")
     print(f"wrote {OUT}")
 
 
