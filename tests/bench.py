@@ -2,6 +2,7 @@
 
     python tests/bench.py                 # CPU rows; CUDA rows too when a GPU is visible
     python tests/bench.py --quick         # fewer repetitions
+    python tests/bench.py --methods       # section 4 only
 
 1. Augmentation throughput: common's batched SimCLR recipe (simclr.simclr_view) vs the same recipe
    in torchvision.transforms.v2 applied image by image, as a DataLoader worker would (32 px).
@@ -12,7 +13,8 @@
    128, 24 steps, the learning tests' CPU-sized heads): training images/s as train() reports it
    (evaluation excluded), its ratio to a bare tiny-trunk forward+backward on two 32 px views of the
    same batch (what a two-view method cannot avoid), and the peak resident memory of the process
-   that ran it. Each method runs in a fresh process.
+   during train() (torch and the data included: the synthetic set is made before). Each method runs
+   in a fresh process.
 """
 
 import json
@@ -32,6 +34,7 @@ import simclr  # noqa: E402
 from conftest import METHODS  # noqa: E402
 
 QUICK = "--quick" in sys.argv
+METHODS_ONLY = "--methods" in sys.argv  # section 4 only
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 
 
@@ -108,20 +111,28 @@ def flops_per_step(raw, views):
 
 
 METHOD_RUN = """
-import json, resource, sys, tempfile
+import importlib, json, os, sys, tempfile, threading, time
 sys.path[:0] = [{root!r}, {tests!r}]
 from pathlib import Path
-import importlib
 from conftest import tiny
 from test_learning import SYNTHETIC
 module = importlib.import_module({name!r})
 settings = {{k: v for k, v in SYNTHETIC[{name!r}][0].items() if k not in ("epochs", "subset", "batch_size", "probe_epochs")}}
+module.common.make_synthetic(10_000, 32, seed=0), module.common.make_synthetic(2_000, 32, seed=1)  # cached: made before
+peak, done = [0], threading.Event()  # the resident memory of the process, sampled every 5 ms during train()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+        time.sleep(0.005)
+
+threading.Thread(target=sample, daemon=True).start()
 with tempfile.TemporaryDirectory() as tmp:
     cfg = tiny(module.Config, Path(tmp), subset=3072, batch_size=128, epochs=1, max_steps=24, log_every=8, probe_epochs=0,
                **settings)
     results = module.train(cfg)
-print("BENCH", json.dumps(dict(images_per_second=results["images_per_second"],
-                               peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+done.set()
+print("BENCH", json.dumps(dict(images_per_second=results["images_per_second"], peak_mb=peak[0] / 2**20)))
 """
 
 
@@ -160,37 +171,38 @@ def main():
     print(f"# nanossl bench: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, CPU {platform.processor() or platform.machine()} "
           f"x {os.cpu_count()} cores ({torch.get_num_threads()} threads), GPU {gpu}\n")
 
-    print("## 1. Augmentation (SimCLR CIFAR recipe, 512 images of 32 px)\n")
-    print("| device | batched on device (img/s) | torchvision v2 per image (img/s) | speed-up |")
-    print("|---|---|---|---|")
-    for d in devices:
-        r = augmentation(d)
-        per = r.get("per_image")
-        per_text, ratio = (f"{per:,.0f}", f"{r['batched'] / per:.1f}x") if per else ("n/a", "n/a")
-        print(f"| {d.type} | {r['batched']:,.0f} | {per_text} | {ratio} |")
-
-    print("\n## 2. SimCLR step vs bare ResNet-18 forward+backward (same two views)\n")
-    print("| device | batch (images) | SimCLR step (s) | bare backbone (s) | ratio |")
-    print("|---|---|---|---|---|")
-    step, bare, _, _ = simclr_step_vs_backbone(cpu, 64)
-    print(f"| cpu, float32 | 64 | {step:.3f} | {bare:.3f} | {step / bare:.3f} |")
-
-    if torch.cuda.is_available():
-        cuda = torch.device("cuda")
-        step, bare, raw, views = simclr_step_vs_backbone(cuda, 512, torch.bfloat16, compile_model=True)
-        print(f"| cuda, bf16, compiled | 512 | {step:.4f} | {bare:.4f} | {step / bare:.3f} |")
-        flops = flops_per_step(raw, views)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-        mfu = f"{flops / step / (peak * 1e12):.1%}" if peak else "n/a (unknown peak)"
-        print("\n## 3. SimCLR ResNet-18 training throughput on CUDA (batch 512, bf16, compiled)\n")
-        print("| GPU | images/s | model TFLOP/s | MFU (bf16 dense peak) |")
+    if not METHODS_ONLY:
+        print("## 1. Augmentation (SimCLR CIFAR recipe, 512 images of 32 px)\n")
+        print("| device | batched on device (img/s) | torchvision v2 per image (img/s) | speed-up |")
         print("|---|---|---|---|")
-        print(f"| {gpu} | {512 / step:,.0f} | {flops / step / 1e12:.1f} | {mfu} |")
+        for d in devices:
+            r = augmentation(d)
+            per = r.get("per_image")
+            per_text, ratio = (f"{per:,.0f}", f"{r['batched'] / per:.1f}x") if per else ("n/a", "n/a")
+            print(f"| {d.type} | {r['batched']:,.0f} | {per_text} | {ratio} |")
+
+        print("\n## 2. SimCLR step vs bare ResNet-18 forward+backward (same two views)\n")
+        print("| device | batch (images) | SimCLR step (s) | bare backbone (s) | ratio |")
+        print("|---|---|---|---|---|")
+        step, bare, _, _ = simclr_step_vs_backbone(cpu, 64)
+        print(f"| cpu, float32 | 64 | {step:.3f} | {bare:.3f} | {step / bare:.3f} |")
+
+        if torch.cuda.is_available():
+            cuda = torch.device("cuda")
+            step, bare, raw, views = simclr_step_vs_backbone(cuda, 512, torch.bfloat16, compile_model=True)
+            print(f"| cuda, bf16, compiled | 512 | {step:.4f} | {bare:.4f} | {step / bare:.3f} |")
+            flops = flops_per_step(raw, views)
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+            mfu = f"{flops / step / (peak * 1e12):.1%}" if peak else "n/a (unknown peak)"
+            print("\n## 3. SimCLR ResNet-18 training throughput on CUDA (batch 512, bf16, compiled)\n")
+            print("| GPU | images/s | model TFLOP/s | MFU (bf16 dense peak) |")
+            print("|---|---|---|---|")
+            print(f"| {gpu} | {512 / step:,.0f} | {flops / step / 1e12:.1f} | {mfu} |")
 
     print("\n## 4. Every method's training loop (CPU: tiny trunk, synthetic data, batch 128, 24 steps)\n")
     bare = bare_tiny_images_per_second()
     print(f"bare tiny trunk, forward+backward of 2 views of 32 px: {bare:,.0f} images/s\n")
-    print("| method | training images/s | time per image / bare two-view trunk | peak memory (MB) |")
+    print("| method | training images/s | time per image / bare two-view trunk | peak resident memory in train() (MB) |")
     print("|---|---|---|---|")
     for name, ips, mb in method_rows(METHODS):
         print(f"| {name} | {ips:,.0f} | {bare / ips:.2f} | {mb:,.0f} |")
