@@ -78,13 +78,14 @@ SYNTHETIC = {
 CIFAR10 = {
     "rotnet": (dict(batch_size=64, subset=2048),  # 0.250 -> 0.498; 0.250 -> 0.312
                dict(gain={"pretext_top1": 0.12, "knn_top1": 0.03})),
-    "jigsaw": (dict(subset=2048, epochs=3, test_images=1000), dict(gain={"pretext_top1": 0.04})),  # kNN falls
+    "jigsaw": (dict(subset=2048, epochs=3, test_images=1000),  # 0.046 -> 0.131 (kNN falls: 0.275 -> 0.227)
+               dict(gain={"pretext_top1": 0.04})),
     "context_pred": (dict(subset=2048, batch_size=64, epochs=4, test_images=1000),  # 0.100 -> 0.181 (kNN 0.258 -> 0.276)
                      dict(gain={"pretext_top1": 0.04})),
     "colorization": ({}, dict(gain={"knn_top1": 0.016, "color_top1": 0.07})),  # 0.239 -> 0.273; 0.002 -> 0.154
     "inpainting": (dict(epochs=1, probe_epochs=0), dict(gain={"knn_top1": 0.018}, drop={"hole_mse": 0.011})),  # 0.276 -> 0.313; 0.056 -> 0.033
     "splitbrain": ({}, dict(gain={"knn_top1": 0.022, "ab_top1": 0.12})),  # 0.274 -> 0.319; 0.002 -> 0.253
-    "simclr": ({}, dict(gain={"knn_top1": 0.018})),  # 0.267 -> 0.305
+    "simclr": ({}, dict(gain={"knn_top1": 0.018})),  # 0.276 -> 0.308
     "moco": ({}, dict(gain={"knn_top1": 0.014})),  # 0.276 -> 0.304
     "byol": ({}, dict(gain={"knn_top1": 0.008})),  # 0.276 -> 0.293
     # SimSiam and Barlow Twins move the kNN least at this budget (and not monotonically in the run
