@@ -36,10 +36,16 @@ def torchrun(args, nproc=2, timeout=900, cwd=ROOT):
     return p
 
 
+def cifar10_root():
+    """The folder SSL_DATA names if it holds cifar10.npz, else ""."""
+    root = os.environ.get("SSL_DATA", "")
+    return root if root and os.path.exists(os.path.join(root, "cifar10.npz")) else ""
+
+
 def cifar10_dir():
     """The folder that holds cifar10.npz (from SSL_DATA), or skip with how to enable the test."""
-    root = os.environ.get("SSL_DATA", "")
-    if not os.path.exists(os.path.join(root, "cifar10.npz")):
+    root = cifar10_root()
+    if not root:
         pytest.skip("real-data test: set SSL_DATA to a folder holding cifar10.npz (e.g. SSL_DATA=../shared/data)")
     return root
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import METHODS, learning_run  # noqa: E402
+from conftest import METHODS, cifar10_root, learning_run  # noqa: E402
 from test_learning import CIFAR10  # noqa: E402
 
 PROBE_EPOCHS = 30
@@ -34,8 +34,8 @@ def main():
     flag = lambda key, default: int(next((a.split("=")[1] for a in sys.argv[1:] if a.startswith(f"--{key}=")), default))  # noqa: E731
     epochs, subset = flag("epochs", 3), flag("subset", 10_000)
     names = args or [m for m in METHODS if m in CIFAR10]
-    data_dir = os.environ.get("SSL_DATA", "")
-    if not os.path.exists(os.path.join(data_dir, "cifar10.npz")):
+    data_dir = cifar10_root()
+    if not data_dir:
         sys.exit("set SSL_DATA to the folder holding cifar10.npz (e.g. SSL_DATA=../shared/data)")
     rows = kept_rows(epochs, subset)  # method -> row: a rerun of some methods keeps the others' rows
     for name in names:

@@ -22,11 +22,10 @@ comment says so and it is not asserted.
 """
 
 import importlib
-import os
 
 import pytest
 
-from conftest import METHODS, learning_run
+from conftest import METHODS, cifar10_root, learning_run
 
 SMALL_CLIP = dict(embed_dim=32, text_width=32, text_layers=1, text_heads=2)
 SMALL_MAE = dict(patch_size=8, decoder_dim=64, decoder_depth=3, decoder_heads=2)
@@ -122,8 +121,8 @@ def assert_learned(init, results, steps, checks):
 def test_learns(name, tmp_path):
     """On the CIFAR-10 subset when SSL_DATA holds cifar10.npz (CI), else on the synthetic set."""
     module = importlib.import_module(name)
-    if os.path.exists(os.path.join(os.environ.get("SSL_DATA", ""), "cifar10.npz")):
-        (settings, checks), where = CIFAR10[name], dict(dataset="cifar10", data_dir=os.environ["SSL_DATA"])
+    if root := cifar10_root():
+        (settings, checks), where = CIFAR10[name], dict(dataset="cifar10", data_dir=root)
     else:
         (settings, checks), where = SYNTHETIC[name], {}
     init, results, steps = learning_run(module, tmp_path, log_every=8, **where, **settings)
