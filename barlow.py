@@ -72,7 +72,8 @@ class Config:
     final_lr_ratio: float = 0.0  # the cosine ends at lr times this (solo-learn: 0; paper: 0.001)
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cuda | cpu
@@ -198,8 +199,7 @@ def train(cfg: Config) -> dict:
             monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr, lr * cfg.final_lr_ratio)
-        common.set_lr(opt, lr_now)
-        opt.param_groups[1]["lr"] = lr_now * bias_ratio  # biases and BN (the paper gives them their own, smaller lr)
+        common.set_lr(opt, lr_now, biases=lr_now * bias_ratio)  # biases and BN: the paper gives them a smaller lr
         # view 1 always blurred, never solarized; view 2 rarely blurred, solarized with p = 0.2 (BYOL's recipe)
         x1, x2 = barlow_view(x, cfg, blur_p=1.0, solarize_p=0.0), barlow_view(x, cfg, blur_p=0.1, solarize_p=0.2)
         with rt.autocast():
@@ -220,7 +220,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "barlow", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,

@@ -92,7 +92,8 @@ class Config:
     adam_eps: float = 1e-6  # paper: 1e-6 for its ViTs, 1e-8 for its ResNets
     # eval
     eval_every: int = 10  # epochs between kNN and zero-shot monitor runs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order, crops and caption templates
     device: str = "auto"  # auto | cuda | cpu
@@ -377,7 +378,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     metrics["zero_shot_top1"] = zero_shot_top1(raw_model, prompts, data, rt)
     if rt.is_main:  # the image trunk alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))

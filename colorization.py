@@ -75,7 +75,8 @@ class Config:
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs and colourization PNGs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     show: int = 8  # test images in the PNG grid
     # system
     seed: int = 0  # weights, data order and augmentations
@@ -243,7 +244,7 @@ def colour_metrics(model, data, bins, rt, temperature):
         sums += torch.stack([hit.sum(), torch.tensor(hit.numel(), device=rt.device), within.mean((1, 2)).sum()]).double()
     sums = common.all_reduce_sum(sums)  # every process's share of the test set
     model.train()
-    return {"color_top1": (sums[0] / sums[1]).item(), "color_auc": (sums[2] / len(data._labels("test"))).item()}
+    return {"color_top1": (sums[0] / sums[1]).item(), "color_auc": (sums[2] / len(data.labels("test"))).item()}
 
 
 @torch.no_grad()
@@ -331,7 +332,7 @@ def train(cfg: Config) -> dict:
         # collectives below, so that no process leaves train() while the main one still writes files
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
         save_colorizations(raw_model, shown, bins, cfg.temperature, os.path.join(cfg.out_dir, "colorization.png"))
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     colour = colour_metrics(raw_model, data, bins, rt, cfg.temperature)
     common.print0(f"colour-bin top-1 {colour['color_top1']:.4f} | AuC {colour['color_auc']:.4f} (test images)")
     results = {"method": "colorization", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,

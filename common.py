@@ -1,9 +1,7 @@
-"""Small, method-agnostic utilities shared by every nanossl method file: config parsing, processes
-(torchrun or one), data as uint8 tensors, batched on-device augmentation, backbones, LARS and
-schedules, kNN / linear-probe evaluation, logging and checkpoints, sRGB <-> Lab.
-
-Nothing here is a self-supervised method: heads, losses, views and training steps live in the
-method files, which read top to bottom without this one.
+"""Small, method-agnostic utilities shared by every nanossl method file: config, processes (torchrun
+or one), data as uint8 tensors, batched augmentation on the device, backbones, LARS and schedules,
+the three evaluations, progress, checkpoints, sRGB <-> Lab. Nothing here is a self-supervised method:
+heads, losses, views and training steps live in the method files, which read without this one.
 """
 
 import contextlib
@@ -31,15 +29,13 @@ import torchvision.transforms.v2.functional as TF
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
 ARCHS = ("resnet18", "resnet34", "resnet50", "tiny")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, for every dataset (BN follows)
-
+PROGRESS_SECONDS = 30  # a progress line at least this often, in training and in evaluations
 
 class RunError(Exception):
     """A problem of the run's input (data, checkpoint, diverged loss): shown as one line, no traceback."""
 
-
 # -------------------------------------------------------------------------------------------------
 # config
-
 
 def _help(Config):
     """Print every field with its default and trailing comment (and the '# section' lines)."""
@@ -52,61 +48,43 @@ def _help(Config):
         elif (m := re.match(r"\s*(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)) and m.group(1) in defaults:
             print(f"  {f'--{m.group(1)}={defaults[m.group(1)]}':<30} {m.group(2) or ''}")
 
-
-def _convert(name, kind, text):
-    """The command-line string `text` as the type of field `name` (ValueError naming the key)."""
-    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    try:
-        if kind is bool:
-            return words[text.lower()]
-        return tuple(float(t) for t in text.split(",")) if getattr(kind, "__origin__", None) is tuple else kind(text)
-    except (KeyError, ValueError):
-        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, str(kind))
-        raise ValueError(f"--{name} expects {expected}, got {text!r}") from None
-
-
 def parse_config(Config, argv=None):
-    """Build a Config from `--key=value` arguments (`python simclr.py --batch_size=256 --lr=0.3`).
-
-    `--help` lists every field with its default and comment. An unknown key, a value of the wrong
-    type or an impossible value (checked by the Config's __post_init__) prints one message and
-    exits with status 2 before any work. It also makes RunError print as one line, not a traceback.
-    """
+    """A Config from `--key=value` arguments; `--help` lists every field with its default and comment.
+    An unknown key, a wrong type or an impossible value (the Config's __post_init__ checks) prints one
+    message and exits with status 2 before any work; a RunError later prints as one line."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         _help(Config)
         sys.exit(0)
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    overrides = {}
+    fields, overrides = {f.name: f.type for f in dataclasses.fields(Config)}, {}
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
     try:
         for arg in argv:
             key, eq, text = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
-                raise ValueError(f"unknown option {arg!r}" + (f" (did you mean --{close[0]}?)" if close else "") +
-                                 "; --help lists them all")
-            if not eq and fields[key] is not bool:
+                hint = f" (did you mean --{close[0]}?)" if close else ""
+                raise ValueError(f"unknown option {arg!r}{hint}; --help lists them all")
+            kind = fields[key]
+            if not eq and kind is not bool:
                 raise ValueError(f"--{key} needs a value: --{key}=...")
-            overrides[key] = _convert(key, fields[key], text) if eq else True
+            try:
+                overrides[key] = (words[text.lower()] if eq else True) if kind is bool else kind(text)
+            except (KeyError, ValueError):
+                expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, kind)
+                raise ValueError(f"--{key} expects {expected}, got {text!r}") from None
         cfg = Config(**overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-    def excepthook(kind, value, tb):  # the user's mistakes read as one line, bugs keep their traceback
-        if issubclass(kind, RunError):
-            print(f"error: {value}", file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, value, tb)
-
-    sys.excepthook = excepthook
+    hook = sys.excepthook  # the user's mistakes read as one line, bugs keep their traceback
+    sys.excepthook = lambda kind, e, tb: print(f"error: {e}", file=sys.stderr) if kind == RunError else hook(kind, e, tb)
     return cfg
-
 
 def check_config(cfg, archs=ARCHS):
     """Check the fields every method shares; raise ValueError naming the key. Called by __post_init__."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    checks = [
+    for key, ok, expected in [
         ("dataset", cfg.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
         ("arch", cfg.arch in archs, f"one of {', '.join(archs)}"),
         ("batch_size", cfg.batch_size >= 1, "at least 1"),
@@ -123,17 +101,15 @@ def check_config(cfg, archs=ARCHS):
         ("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         ("compile", cfg.compile.lower() in ("auto", "true", "false"), "auto, true or false"),
         ("eval_every", cfg.eval_every >= 0, "0 (only at the end) or more"),
-        ("probe_epochs", cfg.probe_epochs >= 0, "0 (no linear probe) or more"),
+        ("probe_epochs", cfg.probe_epochs >= 0, "0 (no fast probe) or more"),
+        ("linear_epochs", cfg.linear_epochs >= -1, "-1 (100 on CUDA, none on the CPU), 0 (none) or more"),
         ("log_every", cfg.log_every >= 1, "at least 1"),
-    ]
-    for key, ok, expected in checks:
+    ]:
         if not ok:
             raise ValueError(f"--{key}={getattr(cfg, key)} is impossible: it must be {expected}")
 
-
 # -------------------------------------------------------------------------------------------------
 # processes: one code path for `python x.py` and `torchrun x.py`
-
 
 @dataclasses.dataclass
 class Runtime:
@@ -150,29 +126,28 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-
 def print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
 
-
 _owned_group = []  # the process group setup() made, if any
-
 
 def setup(cfg):
     """torchrun env vars -> process group (NCCL on CUDA, gloo on CPU); device, precision, seed, out_dir."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not cuda and cfg.arch != "tiny":
+        print0(f"note: a GPU recipe ({cfg.arch}, batch {cfg.batch_size}, {cfg.epochs} epochs) is running on the CPU, "
+               "no CUDA device being visible; it goes on, and after its first step says how long it would take")
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():  # long timeout: rank 0 writes checkpoints and PNGs
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
         _owned_group.append(dist.group.WORLD)  # cleanup() destroys it; a group the caller made stays
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype, torch.bfloat16 if cuda else torch.float32)
-    rt = Runtime(rank, world, device, dtype, cfg.compile.lower() == "true" or (cfg.compile == "auto" and cuda))
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.bfloat16 if cuda else torch.float32}
+    rt = Runtime(rank, world, device, dtype[cfg.dtype], cfg.compile.lower() == "true" or (cfg.compile == "auto" and cuda))
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     if rt.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -180,19 +155,21 @@ def setup(cfg):
             json.dump(dataclasses.asdict(cfg), f, indent=1)
         script = sys.modules[type(cfg).__module__].__file__
         shutil.copy(script, os.path.join(cfg.out_dir, os.path.basename(script)))  # the run folder reproduces itself
-    bn = "SyncBatchNorm" if world > 1 and cuda else "per-process BatchNorm statistics (SyncBatchNorm needs CUDA)"
-    print0(f"{world} process(es) on {device.type} | {str(dtype)[6:]} | compile {rt.compile} | "
-           f"batch {cfg.batch_size} = {world} x {cfg.batch_size // world}" + (f" | {bn}" if world > 1 else ""))
+    bn = " | SyncBatchNorm" if cuda else " | per-process BatchNorm statistics (SyncBatchNorm needs CUDA)"
+    print0(f"{world} process(es) on {device.type} | {str(rt.dtype)[6:]} | compile {rt.compile} | "
+           f"batch {cfg.batch_size} = {world} x {cfg.batch_size // world}" + (bn if world > 1 else ""))
     return rt
 
-
 def cleanup():
-    """Destroy the process group if setup() made it. A caller that runs several trainings in one
-    launch makes the group itself, once: gloo cannot be set up twice from torchrun's store."""
+    """Destroy the process group if setup() made it (a caller running several trainings in one launch
+    makes the group itself, once: gloo cannot be set up twice from torchrun's store)."""
     if _owned_group and dist.is_initialized():
+        dist.barrier()  # nobody leaves while another still talks to it (gloo aborts at exit otherwise)
         dist.destroy_process_group()
     _owned_group.clear()
 
+def _distributed():
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
@@ -207,7 +184,6 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)  # every process's loss depends on this slice: sum their gradients
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
-
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -215,111 +191,80 @@ class _AllReduceSum(torch.autograd.Function):
         dist.all_reduce(x)
         return x
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def _distributed():
-    return dist.is_initialized() and dist.get_world_size() > 1
-
+    backward = forward  # the gradient of a sum over processes: the sum of their gradients
 
 def gather_with_grad(x):
     """(B, ...) on each process -> (world*B, ...) in rank order on every process; identity on one.
-
     Backward gives this process's slice the SUM over processes of the gradients that reach it, so
-    that after DDP's averaging the gradient equals the one-process gradient on the global batch.
-    """
+    that after DDP's averaging the gradient equals the one-process gradient on the global batch."""
     return _GatherWithGrad.apply(x) if _distributed() else x
-
 
 def all_reduce_sum(x):
     """Sum of x over processes, on every process; backward sums gradients likewise. Identity on one."""
     return _AllReduceSum.apply(x) if _distributed() else x
 
-
 def sync_batchnorm(model, rt):
     """BatchNorm -> SyncBatchNorm when several CUDA processes share the batch (SyncBN refuses CPU)."""
-    if rt.world_size > 1 and rt.device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if rt.world_size > 1 and rt.device.type == "cuda" else model
 
 def compile_and_ddp(raw_model, rt):
     """torch.compile (if on), then DistributedDataParallel (if several processes). Save raw_model."""
     model = torch.compile(raw_model) if rt.compile else raw_model
     if rt.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
     return model
-
 
 # -------------------------------------------------------------------------------------------------
 # data: uint8 (B, 3, H, W) images; small sets live on the device, folders stream through a loader
 
-
 @functools.lru_cache(maxsize=4)  # tests build many runs in one process; the tensors are never modified
 def make_synthetic(n, size=32, seed=0):
-    """n labelled images (uint8 (n,3,size,size), int64 (n,)) with real class structure, in seconds.
-
-    10 classes = 5 shapes (disk, square, triangle, ring, cross) x 2 fills (plain, striped), each
-    under a random foreground and background colour, position, scale, tilt, stripe frequency and
-    orientation, background gradient and pixel noise. Colour carries no class information. As in
-    photographs, shapes stand upright (tilted by at most 1/4 radian) and scenes are lit from above
-    (brighter at the top), so that predicting rotations has something to learn.
-    """
+    """n labelled images (uint8 (n,3,size,size), int64 (n,)) with real class structure, in seconds:
+    10 classes = 5 shapes (disk, square, triangle, ring, cross) x 2 fills (plain, striped), under a
+    random colour (no class information), position, scale, tilt, stripe frequency, background
+    gradient and noise. As in photographs, shapes stand upright (tilted by at most 1/4 radian) and
+    scenes are lit from above, so that predicting rotations has something to learn."""
     g = torch.Generator().manual_seed(seed)
     u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     y = torch.randint(0, 10, (n,), generator=g)
-    striped = (y >= 5)[:, None, None]
     coords = (torch.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     yy, xx = coords.view(1, -1, 1), coords.view(1, 1, -1)
-    cy, cx, scale, angle = (u(n, 1, 1) - 0.5) * 0.8, (u(n, 1, 1) - 0.5) * 0.8, 0.35 + 0.3 * u(n, 1, 1), (u(n, 1, 1) - 0.5) / 2
-    dy, dx = (yy - cy) / scale, (xx - cx) / scale
+    cy, cx, scale, angle = (u(n, 1, 1) - 0.5) * 0.8, (u(n, 1, 1) - 0.5) * 0.8, 0.35 + 0.3 * u(n, 1, 1), u(n, 1, 1)
+    dy, dx, angle = (yy - cy) / scale, (xx - cx) / scale, (angle - 0.5) / 2
     a, b = dx * angle.cos() + dy * angle.sin(), -dx * angle.sin() + dy * angle.cos()  # rotated shape frame
     r = (a**2 + b**2).sqrt()
-    masks = torch.stack([
-        r < 1,
-        torch.maximum(a.abs(), b.abs()) < 0.8,
-        (b > -0.5) & (b < 1 - 1.732 * a.abs()),
-        (r > 0.55) & (r < 1),
-        ((a.abs() < 0.3) & (b.abs() < 1)) | ((b.abs() < 0.3) & (a.abs() < 1)),
-    ], 1)  # (n, 5, H, W)
-    inside = masks[torch.arange(n), y % 5]  # (n, H, W): the class's shape
+    masks = torch.stack([r < 1, torch.maximum(a.abs(), b.abs()) < 0.8, (b > -0.5) & (b < 1 - 1.732 * a.abs()),
+                         (r > 0.55) & (r < 1), ((a.abs() < 0.3) & (b.abs() < 1)) | ((b.abs() < 0.3) & (a.abs() < 1))], 1)
+    inside = masks[torch.arange(n), y % 5][:, None]  # (n, 1, H, W): the class's shape
     phase = u(n, 1, 1) * math.pi
     stripes = torch.sin((a * phase.cos() + b * phase.sin()) * (6 + 6 * u(n, 1, 1)) + u(n, 1, 1) * 6.3) > 0
     fg, fg2, bg, bg2 = (u(n, 3, 1, 1) for _ in range(4))
-    fill = torch.where((striped & stripes)[:, None], 0.3 * fg2 + 0.7 * (1 - fg), fg)
+    fill = torch.where(((y >= 5)[:, None, None] & stripes)[:, None], 0.3 * fg2 + 0.7 * (1 - fg), fg)
     t = ((xx * (u(n, 1, 1) - 0.5) + yy * (u(n, 1, 1) - 0.5)) + 0.5).clamp(0, 1)[:, None]
-    back = bg * (1 - t) + bg2 * t
-    light = 1.15 - 0.15 * (yy + 1)  # lit from above, as scenes in photographs are: 1.15 at the top, 0.85 at the bottom
-    img = torch.where(inside[:, None], fill, back) * light + 0.04 * torch.randn(n, 3, size, size, generator=g)
+    light = 1.15 - 0.15 * (yy + 1)  # lit from above: 1.15 at the top, 0.85 at the bottom
+    img = torch.where(inside, fill, bg * (1 - t) + bg2 * t) * light + 0.04 * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
+CLASS_NAMES = {
+    "cifar10": "airplane automobile bird cat deer dog frog horse ship truck".split(),
+    "stl10": "airplane bird car cat deer dog horse monkey ship truck".split(),
+    "synthetic": [f"{f} {s}" for f in ("plain", "striped") for s in ("disk", "square", "triangle", "ring", "cross")],
+}
 
 def _download(name, root):
     """Fetch a small dataset through torchvision into root; return the arrays of its .npz file."""
     if name == "stl10":
         sets = {s: torchvision.datasets.STL10(root, split=s, download=True) for s in ("train", "test", "unlabeled")}
-        hwc = {s: d.data.transpose(0, 2, 3, 1) for s, d in sets.items()}
-        return dict(x_train=hwc["train"], y_train=sets["train"].labels, x_test=hwc["test"],
-                    y_test=sets["test"].labels, x_unlabeled=hwc["unlabeled"], classes=np.array(sets["train"].classes))
+        x = {s: d.data.transpose(0, 2, 3, 1) for s, d in sets.items()}
+        return dict(x_train=x["train"], y_train=sets["train"].labels, x_test=x["test"], y_test=sets["test"].labels,
+                    x_unlabeled=x["unlabeled"], classes=np.array(sets["train"].classes))
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
     return dict(x_train=tr.data, y_train=np.array(tr.targets), x_test=te.data, y_test=np.array(te.targets),
                 classes=np.array(tr.classes))
 
-
-CLASS_NAMES = {
-    "cifar10": "airplane automobile bird cat deer dog frog horse ship truck".split(),
-    "stl10": "airplane bird car cat deer dog horse monkey ship truck".split(),
-    "synthetic": [f"{fill} {shape}" for fill in ("plain", "striped") for shape in ("disk", "square", "triangle", "ring", "cross")],
-}
-
-
 def _load_arrays(name, root, rt):
-    """x_train, y_train, x_test, y_test (+ x_unlabeled) as numpy arrays, from root/<name>.npz."""
+    """The arrays of root/<name>.npz (x_train, y_train, x_test, y_test, maybe x_unlabeled, classes)."""
     path = os.path.join(root, f"{name}.npz")
     if not os.path.exists(path) and rt.is_main:
         try:
@@ -327,8 +272,7 @@ def _load_arrays(name, root, rt):
         except Exception as e:  # offline, blocked, disk full: one clear message, never a silent switch
             raise RunError(f"{name} is not in {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}: "
                            f"{str(e)[:200]}). Put {name}.npz (keys x_train, y_train, x_test, y_test; uint8 HWC images) "
-                           f"there, point --data_dir or SSL_DATA at its folder, or run offline with --dataset=synthetic."
-                           ) from None
+                           "there, point --data_dir or SSL_DATA at it, or run offline with --dataset=synthetic.") from None
         np.savez(path[:-4] + ".tmp.npz", **arrays)
         os.replace(path[:-4] + ".tmp.npz", path)
     if dist.is_initialized():
@@ -339,21 +283,25 @@ def _load_arrays(name, root, rt):
     except (OSError, ValueError, KeyError) as e:
         raise RunError(f"cannot read {path} ({e}); delete it to download again") from None
 
-
 def read_image(path, size):
     """An image file -> uint8 (3, size, size) RGB: shorter side resized to size, centre crop."""
     img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
     return TF.center_crop(TF.resize(img, size, antialias=True), size)
 
-
 class _Folder(torch.utils.data.Dataset):
-    """An ImageNet-style tree root/<class>/<image>, decoded to fixed-size uint8 tensors in workers."""
+    """An ImageNet-style tree root/<class>/<image>, decoded to fixed-size uint8 tensors in workers;
+    with subset, a random `subset` of its images drawn with `seed` (the same on every process)."""
 
-    def __init__(self, root, size):
-        self.items = torchvision.datasets.ImageFolder(root, loader=lambda p: p).samples
-        self.classes = sorted(os.listdir(root))
+    def __init__(self, root, size, subset=0, seed=0):
+        try:
+            tree = torchvision.datasets.ImageFolder(root, loader=str)
+        except (FileNotFoundError, OSError) as e:  # no class folder, or a class folder with no image
+            raise RunError(f"--dataset=folder: {root}: {e}") from None
+        self.classes, self.items, self.size = tree.classes, tree.samples, size  # classes: the sub-folders, sorted
+        if subset:  # the images come class by class: the first N would hold a few classes only
+            pick = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(seed))[:subset]
+            self.items = [self.items[i] for i in pick.sort().values]
         self.labels = torch.tensor([label for _, label in self.items])
-        self.size = size
 
     def __len__(self):
         return len(self.items)
@@ -361,149 +309,130 @@ class _Folder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return read_image(self.items[i][0], self.size), self.items[i][1]
 
-
 class Data:
-    """Pretraining images and labelled train/test images of one dataset, as uint8 (B, 3, H, W).
-
-    Small datasets are whole uint8 tensors on the device; folder datasets stream through a
-    DataLoader with worker processes. Either way, `steps()` yields each process's slice of a global
-    batch drawn from a permutation fixed by (seed, epoch), so a resumed run sees the same batches.
-    """
+    """Pretraining images and labelled train/test images of one dataset, as uint8 (B, 3, H, W): whole
+    tensors on the device (small sets) or datasets with .labels streamed by a DataLoader (folders).
+    steps() yields each process's slice of a global batch drawn from a permutation fixed by (seed,
+    epoch), so a resumed run sees the same batches."""
 
     def __init__(self, name, pretrain, train, test, classes, rt, batch_size, seed):
         self.name, self.classes, self.rt, self.seed = name, classes, rt, seed
-        self.pretrain, self.train, self.test = pretrain, train, test  # tensors (x, y) or _Folder
+        self.pretrain, self.train, self.test = pretrain, train, test  # (x, y) tensors or datasets
         self.global_batch, self.batch = batch_size, batch_size // rt.world_size
-        self.steps_per_epoch = len(self._labels("pretrain")) // batch_size
+        self.steps_per_epoch = len(self.labels("pretrain")) // batch_size
         if self.steps_per_epoch == 0:
-            raise RunError(f"--batch_size={batch_size} is larger than the {len(self._labels('pretrain'))} training images")
+            raise RunError(f"--batch_size={batch_size} is larger than the {len(self.labels('pretrain'))} images")
 
-    def _labels(self, split):
+    def labels(self, split):
         s = getattr(self, split)
         return s[1] if isinstance(s, tuple) else s.labels
 
-    def _batches(self, split, index_rows):
+    def batches(self, split, index_rows, seed=0):
         """uint8 images and labels on the device for each row of indices."""
         s = getattr(self, split)
         if isinstance(s, tuple):
-            if torch.is_tensor(index_rows):  # a training epoch: one copy to the device, no sync per step
-                index_rows = index_rows.to(s[0].device)
-            for idx in index_rows:
-                yield s[0][idx], s[1][idx]
-        else:
-            workers = min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count()))
-            loader = torch.utils.data.DataLoader(s, batch_sampler=[r.tolist() for r in index_rows],
-                                                 num_workers=workers, pin_memory=self.rt.device.type == "cuda")
-            for x, y in loader:
-                yield x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+            yield from ((s[0][i], s[1][i]) for i in (index_rows.to(s[0].device) if torch.is_tensor(index_rows)
+                                                     else index_rows))
+            return
+        loader = torch.utils.data.DataLoader(  # its own generator: the global random state stays untouched
+            s, batch_sampler=[r.tolist() for r in index_rows], generator=torch.Generator().manual_seed(seed),
+            num_workers=min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count())),
+            pin_memory=self.rt.device.type == "cuda")
+        yield from ((x.to(self.rt.device, non_blocking=True), y.to(self.rt.device)) for x, y in loader)
+
+    def epoch_rows(self, split, epoch, batch_size):
+        """This process's slice of each global batch of an epoch: (steps, batch_size / world) indices."""
+        n, W, r = len(self.labels(split)), self.rt.world_size, self.rt.rank
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return perm[: n // batch_size * batch_size].view(-1, batch_size)[:, r * batch_size // W:(r + 1) * batch_size // W]
 
     def steps(self, start, stop):
-        """Yield (step, x, y) for steps start..stop-1: this process's part of each global batch.
-
-        Each step also seeds torch's random generators from (seed, rank, step), so the augmentations
-        of a resumed run are those the uninterrupted run would have drawn.
-        """
-        rank, B, GB, n = self.rt.rank, self.batch, self.global_batch, self.steps_per_epoch
+        """(step, x, y) for steps start..stop-1, x this process's part of the global batch. Each step
+        seeds torch's generators from (seed, step, rank): a resumed run draws what the whole run drew."""
         batches = None
         for step in range(start, stop):
-            epoch, i = divmod(step, n)
+            epoch, i = divmod(step, self.steps_per_epoch)
             if batches is None or i == 0:
-                perm = torch.randperm(len(self._labels("pretrain")), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-                rows = perm[: n * GB].view(n, GB)[i:, rank * B:(rank + 1) * B]  # global batch -> this rank's slice
-                batches = self._batches("pretrain", rows)
-            torch.manual_seed((self.seed * 1_000_003 + step) * 1_009 + rank)
-            x, y = next(batches)
-            yield step, x, y
+                batches = self.batches("pretrain", self.epoch_rows("pretrain", epoch, self.global_batch)[i:], epoch)
+            torch.manual_seed((self.seed * 1_000_003 + step) * 1_009 + self.rt.rank)
+            yield (step, *next(batches))
 
     def eval_batches(self, split, batch_size):
         """This process's contiguous share of a labelled split, in order (for feature extraction)."""
-        n, W = len(self._labels(split)), self.rt.world_size
-        share = torch.arange(n).tensor_split(W)[self.rt.rank]
-        return self._batches(split, share.split(batch_size))
-
+        share = torch.arange(len(self.labels(split))).tensor_split(self.rt.world_size)[self.rt.rank]
+        return self.batches(split, share.split(batch_size))
 
 def load_data(cfg, rt):
-    """The dataset named by cfg.dataset as a Data object (prints its sizes)."""
+    """The dataset cfg.dataset as a Data object (prints its sizes). subset=N trains on N images: the
+    first N of an .npz set (whose order is mixed), a random N of a folder (drawn with cfg.seed)."""
     root = os.environ.get("SSL_DATA", cfg.data_dir) if cfg.data_dir == "./data" else cfg.data_dir
-    n = cfg.subset or None
     if cfg.dataset == "folder":
-        if not all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+        train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+        if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
             raise RunError(f"--dataset=folder reads {os.path.abspath(root)}/train/<class>/* and .../val/<class>/*; "
                            "one of them is missing (set --data_dir)")
-        pre_size = round(cfg.image_size * 8 / 7)  # the random crops come from a 256 px view of a 224 px run
-        pretrain = _Folder(os.path.join(root, "train"), pre_size)
-        train, test = _Folder(os.path.join(root, "train"), cfg.image_size), _Folder(os.path.join(root, "val"), cfg.image_size)
-        if n:
-            for d in (pretrain, train):
-                d.items, d.labels = d.items[:n], d.labels[:n]
-        data = Data("folder", pretrain, train, test, train.classes, rt, cfg.batch_size, cfg.seed)
+        pretrain = _Folder(train_dir, round(cfg.image_size * 8 / 7), cfg.subset, cfg.seed)  # room for random crops
+        train, test = _Folder(train_dir, cfg.image_size, cfg.subset, cfg.seed), _Folder(val_dir, cfg.image_size)
+        if train.classes != test.classes:
+            only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))[:5]) or "none"  # noqa: E731
+            raise RunError(f"{train_dir} and {val_dir} hold different class folders (only in train: {only(train, test)}; "
+                           f"only in val: {only(test, train)}): their labels would not match")
+        classes = train.classes
     else:
+        names, splits = [], ("x_train", "y_train", "x_test", "y_test")
         if cfg.dataset == "synthetic":
-            a = dict(zip(("x_train", "y_train"), make_synthetic(10_000, 32, seed=0)))
-            a.update(zip(("x_test", "y_test"), make_synthetic(2_000, 32, seed=1)))
+            a = dict(zip(splits, make_synthetic(10_000, 32, seed=0) + make_synthetic(2_000, 32, seed=1)))
         else:
             arrays = _load_arrays(cfg.dataset, root, rt)
             names = [str(c) for c in arrays.pop("classes", [])]  # written by the download; absent in hand-made files
-            a = {k: torch.from_numpy(v) for k, v in arrays.items()}
-            a = {k: v.permute(0, 3, 1, 2).contiguous() if k.startswith("x") else v.long() for k, v in a.items()}
-        dev = rt.device  # small sets live on the device: no loader, no host-device copies per step
-        train = (a["x_train"][:n].to(dev), a["y_train"][:n].to(dev))
-        test = (a["x_test"].to(dev), a["y_test"].to(dev))
-        pretrain = train
+            a = {k: torch.from_numpy(v).permute(0, 3, 1, 2).contiguous() if k[0] == "x" else torch.from_numpy(v).long()
+                 for k, v in arrays.items()}
+        n, dev = cfg.subset or None, rt.device  # small sets live on the device: no loader, no copies per step
+        train = pretrain = (a["x_train"][:n].to(dev), a["y_train"][:n].to(dev))
         if "x_unlabeled" in a:  # STL-10: pretrain on train + 100k unlabeled, as its SSL protocol does
             x = torch.cat([a["x_train"], a["x_unlabeled"]])[:n].to(dev)
             pretrain = (x, torch.full((len(x),), -1, device=dev))
+        test = (a["x_test"].to(dev), a["y_test"].to(dev))
         classes = CLASS_NAMES.get(cfg.dataset) or names or [str(i) for i in range(int(a["y_train"].max()) + 1)]
-        data = Data(cfg.dataset, pretrain, train, test, classes, rt, cfg.batch_size, cfg.seed)
-    print0(f"data: {cfg.dataset} | pretrain {len(data._labels('pretrain'))} | train {len(data._labels('train'))} | "
-           f"test {len(data._labels('test'))} | {len(data.classes)} classes | {data.steps_per_epoch} steps per epoch")
+    data = Data(cfg.dataset, pretrain, train, test, classes, rt, cfg.batch_size, cfg.seed)
+    print0(f"data: {cfg.dataset} | pretrain {len(data.labels('pretrain'))} | train {len(data.labels('train'))} | "
+           f"test {len(data.labels('test'))} | {len(classes)} classes | {data.steps_per_epoch} steps per epoch")
     return data
 
-
 # -------------------------------------------------------------------------------------------------
-# augmentation on the device, in batch, with random parameters drawn per sample
-
+# augmentation on the device, in batch, with random parameters drawn per image
 
 def to_float(x):
     """uint8 (B,3,H,W) -> float32 in [0, 1]."""
     return x.float() / 255
 
-
-def _per_sample(x, p):
-    """(B,1,1,1) bool: which samples an augmentation applied with probability p touches."""
-    return (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p)
-
+def _per_image(x, p):
+    """(B,1,1,1) bool: which images an augmentation applied with probability p touches."""
+    return torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
 
 def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
     """Crop a random area fraction `scale` and aspect `ratio` of each image, resized to size x size.
-
-    Torchvision's rule, vectorized: draw `tries` (area, aspect) pairs per image, keep the first that
-    fits inside the image, else the whole image; bilinear sampling of an affine grid.
-    """
-    B = x.shape[0]
-    area = torch.empty(B, tries, device=x.device).uniform_(*scale)
-    logr = torch.empty(B, tries, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()  # fractions of the side
+    Torchvision's rule, vectorized: of `tries` (area, aspect) draws per image the first that fits,
+    else the whole image; bilinear sampling of an affine grid."""
+    B, dev = x.shape[0], x.device
+    area = torch.empty(B, tries, device=dev).uniform_(*scale)
+    aspect = torch.empty(B, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()  # fractions of the side
     fits = (w <= 1) & (h <= 1)
-    first = fits.int().argmax(1, keepdim=True)
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
-    cx, cy = (torch.rand(B, device=x.device) * 2 - 1) * (1 - w), (torch.rand(B, device=x.device) * 2 - 1) * (1 - h)
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    w, h = (torch.where(fits.any(1), v.gather(1, fits.int().argmax(1, keepdim=True))[:, 0], 1.0) for v in (w, h))
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h
+    theta[:, 0, 2], theta[:, 1, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w), (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
     grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-
 def random_flip(x, p=0.5):
     """Horizontal flip of each image with probability p."""
-    return torch.where(_per_sample(x, p), x.flip(3), x)
-
+    return torch.where(_per_image(x, p), x.flip(3), x)
 
 def _gray(x):
     """(B,3,H,W) -> (B,1,H,W) luma with torchvision's ITU-R 601 weights."""
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
 
 def _adjust_hue(x, shift):
     """Rotate the hue of RGB images in [0,1] by shift (B,1,1,1) of a full turn, in HSV space."""
@@ -512,89 +441,68 @@ def _adjust_hue(x, shift):
     c = v - torch.minimum(torch.minimum(r, g), b)  # chroma
     inv = 1 / torch.where(c > 0, c, 1.0)
     h = torch.where(v == r, (g - b) * inv, torch.where(v == g, (b - r) * inv + 2, (r - g) * inv + 4))
-    h = h + shift * 6  # hue in sixths of a turn
-    k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h, 6)
+    k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h + shift * 6, 6)  # hue in sixths of a turn
     return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)  # HSV -> RGB, the three channels at once
 
-
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
-    """Torchvision's ColorJitter with per-image factors and a per-image random order of the four
-    adjustments (as the SimCLR and BYOL code), applied to each image with probability p; x in [0,1].
+    """torchvision's ColorJitter for each image (as the SimCLR and BYOL code): with probability p, the
+    four adjustments, each with a factor of its own, in a random order of its own. x in [0,1].
 
-    Speed without changing the distribution: brightness, contrast and saturation are each an affine
-    map of the pixel colour, a*x + (1-a)*mean(gray) or a*x + (1-a)*gray, so one batched 3x3 matrix
-    product per slot applies whichever of them each image has there; hue, the costly one, is dealt
-    to the four slots in equal quarters of the batch, so it runs once per image while each image's
-    hue slot is still uniformly random.
+    In each of the four slots of the order, every image gets the adjustment its order puts there:
+    the three cheap ones are computed for the batch and picked per image with torch.where; the costly
+    hue rotation runs only on the quarter of the batch whose hue comes in that slot (a random deal
+    of the images into quarters: each image's hue slot is uniform over the four).
     """
-    B, dev = x.shape[0], x.device
-    u = lambda lo, hi: torch.empty(B, device=dev).uniform_(lo, hi)  # noqa: E731
-    on = torch.rand(B, device=dev) < p
-    f = torch.stack([u(max(0, 1 - brightness), 1 + brightness), u(max(0, 1 - contrast), 1 + contrast),
-                     u(max(0, 1 - saturation), 1 + saturation)], 1).where(on[:, None], 1.0)  # (B, 3)
-    shift = u(-hue, hue).where(on, 0.0).view(B, 1, 1, 1)
-    deal = torch.randperm(B, device=dev)  # deal[s::4]: the images whose hue adjustment comes in slot s
+    B, dev, on = x.shape[0], x.device, _per_image(x, p)
+    draw = lambda low, high, off: torch.where(on, torch.empty(B, 1, 1, 1, device=dev).uniform_(low, high), off)  # noqa
+    bright, contr, satur = (draw(max(0, 1 - f), 1 + f, 1.0) for f in (brightness, contrast, saturation))  # (B,1,1,1)
+    shift = draw(-hue, hue, 0.0)
+    deal = torch.randperm(B, device=dev)  # deal[s::4]: the images whose hue comes in slot s
     hue_slot = torch.empty(B, dtype=torch.long, device=dev).scatter_(0, deal, torch.arange(B, device=dev) % 4)
-    others = torch.rand(B, 3, device=dev).argsort(1)  # random order of brightness, contrast, saturation
-    luma = x.new_tensor([0.2989, 0.587, 0.114])
+    others = torch.rand(B, 3, device=dev).argsort(1)  # each image's order of brightness 0, contrast 1, saturation 2
     for slot in range(4):
-        k = (slot - (slot > hue_slot).long()).clamp(max=2)  # the slots other than the hue slot, in order
-        op = torch.where(hue_slot == slot, 3, others.gather(1, k[:, None])[:, 0])  # (B,) 0 b, 1 c, 2 s, 3 hue
-        a = f.gather(1, op.clamp(max=2)[:, None])[:, 0].where(op < 3, 1.0)  # (B,)
-        to_mean, to_gray = (1 - a) * (op == 1), (1 - a) * (op == 2)
-        M = a.view(B, 1, 1) * torch.eye(3, device=dev) + to_gray.view(B, 1, 1) * luma.expand(3, 3)  # (B, 3, 3)
-        c = (to_mean * (x.mean((2, 3)) @ luma)).view(B, 1, 1).expand(B, 3, 1)  # (B, 3, 1): contrast's grey level
-        x = torch.baddbmm(c, M, x.flatten(2)).view_as(x).clamp_(0, 1)
-        idx = deal[slot::4]
-        x[idx] = torch.where(on[idx].view(-1, 1, 1, 1), _adjust_hue(x[idx], shift[idx]), x[idx])
+        k = (slot - (hue_slot < slot).long()).clamp(max=2)  # which of the other three comes now (if not hue)
+        now = torch.where(hue_slot == slot, 3, others.gather(1, k[:, None])[:, 0]).view(B, 1, 1, 1)
+        x = torch.where(now == 0, (bright * x).clamp(0, 1), x)  # TF.adjust_brightness
+        x = torch.where(now == 1, (contr * x + (1 - contr) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1), x)
+        x = torch.where(now == 2, (satur * x + (1 - satur) * _gray(x)).clamp(0, 1), x)  # TF.adjust_saturation
+        idx = deal[slot::4]  # TF.adjust_hue
+        x[idx] = torch.where(on[idx], _adjust_hue(x[idx], shift[idx]), x[idx])
     return x
-
 
 def random_grayscale(x, p):
     """Replace each image by its luma in all three channels with probability p."""
-    return torch.where(_per_sample(x, p), _gray(x).expand_as(x), x)
+    return torch.where(_per_image(x, p), _gray(x).expand_as(x), x)
 
-
-def gaussian_blur(x, p, sigma=(0.1, 2.0), kernel_size=None):
-    """Blur each image with probability p by a Gaussian of sigma ~ U(sigma), per sample.
-
-    kernel_size defaults to ~10% of the side (odd), as SimCLR; separable, reflect padding.
-    """
+def gaussian_blur(x, p, sigma=(0.1, 2.0), kernel="side"):
+    """Blur each image with probability p by a Gaussian of sigma ~ U(sigma) pixels, drawn per image.
+    kernel "side": ~10% of the image side, as SimCLR's and BYOL's TF code (3 taps at 32 px: a sigma
+    of 2 is cut short); "sigma": reaching 3 sigma of the largest sigma, as PIL's GaussianBlur(radius=
+    sigma) in solo-learn's and other torchvision recipes (13 taps for sigma 2); an int: that many taps."""
     B, C, H, W = x.shape
-    k = kernel_size or (H // 10) | 1
-    s = torch.empty(B, 1, device=x.device).uniform_(*sigma)
+    k = {"side": (H // 10) | 1, "sigma": 2 * math.ceil(3 * sigma[1]) + 1}.get(kernel, kernel)
     t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    kern = torch.exp(-t**2 / (2 * s**2))
-    kern = kern / kern.sum(1, keepdim=True)  # (B, k)
-    delta = (t == 0).to(x.dtype).expand(B, k)
-    kern = torch.where(_per_sample(x, p).view(B, 1), kern, delta).repeat_interleave(C, 0)  # (B*C, k)
-    out = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
-    out = F.conv2d(out, kern.view(B * C, 1, k, 1), groups=B * C)
-    out = F.conv2d(out, kern.view(B * C, 1, 1, k), groups=B * C)
-    return out.view(B, C, H, W)
-
+    kern = torch.exp(-t**2 / (2 * torch.empty(B, 1, device=x.device).uniform_(*sigma) ** 2))  # (B, k)
+    kern = torch.where(_per_image(x, p).view(B, 1), kern / kern.sum(1, keepdim=True), (t == 0).to(x.dtype))
+    kern = kern.repeat_interleave(C, 0)  # (B*C, k): separable, reflect padding
+    out = F.conv2d(F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect"), kern.view(-1, 1, k, 1), groups=B * C)
+    return F.conv2d(out, kern.view(-1, 1, 1, k), groups=B * C).view(B, C, H, W)
 
 def solarize(x, p, threshold=0.5):
     """Invert the pixels at or above threshold, per image with probability p."""
-    return torch.where(_per_sample(x, p) & (x >= threshold), 1 - x, x)
-
+    return torch.where(_per_image(x, p) & (x >= threshold), 1 - x, x)
 
 def normalize(x, mean=MEAN, std=STD):
     """Standardize channels (x in [0,1])."""
     return (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
 
-
 # -------------------------------------------------------------------------------------------------
-# models
-
+# models and optimization
 
 def resnet(arch, small_images=True):
-    """Backbone without its classifier -> (module: (B,3,H,W) -> (B, width), width).
-
-    resnet18/34/50 are torchvision's; small_images swaps the stem for CIFAR's (3x3 stride-1 conv,
-    no max-pool), so the weights load into a torchvision ResNet given the same stem. `tiny` is a
-    4-conv trunk for CPU tests and smoke runs.
-    """
+    """Backbone without its classifier -> (module: (B,3,H,W) -> (B, width), width). resnet18/34/50
+    are torchvision's; small_images swaps in CIFAR's stem (3x3 stride-1 conv, no max-pool), so the
+    weights load into a torchvision ResNet given the same stem. `tiny`: 4 convs, for CPU runs."""
     if arch == "tiny":
         layers, c_in = [], 3
         for c_out, stride in [(16, 1), (32, 2), (64, 2), (128, 2)]:
@@ -607,179 +515,223 @@ def resnet(arch, small_images=True):
     width, net.fc = net.fc.in_features, nn.Identity()
     return net, width
 
-
-# -------------------------------------------------------------------------------------------------
-# optimization
-
-
 def param_groups(model, weight_decay):
-    """Two groups: weights (decayed) and biases/norm parameters (no decay, no LARS adaptation)."""
+    """Two named groups: "weights" (decayed) and "biases" (biases and norm parameters: no weight decay,
+    no LARS adaptation). set_lr gives a group an lr of its own by its name."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
-
+    return [{"name": "weights", "params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"name": "biases", "params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose per-layer lr is scaled by the trust ratio eta*||w|| / ||g + wd*w||
-    (You et al. 2017), as in the SimCLR and BYOL code: groups marked lars_exclude (biases, BN) get
-    neither weight decay nor adaptation, and the lr enters the momentum buffer ("classic" momentum).
-    With clip, a layer's lr is min(eta*||w|| / ||g + wd*w||, lr): the lr caps the adapted rate
-    instead of multiplying it (LARC's clip mode, used by solo-learn's CIFAR recipes with eta 0.02)."""
+    """SGD with momentum and layer-wise adaptive rates (You et al. 2017): each layer's step is scaled
+    by its trust ratio; groups marked lars_exclude (biases, BN) get neither the ratio nor weight decay.
+    With d = g + wd * w, the official codes followed here come in three forms:
+      "simclr" (SimCLR, lars_optimizer.py): trust = eta ||w|| / ||d||; v <- m v + lr trust d; w <- w - v
+      "byol"   (BYOL, optimizers.py; Barlow Twins, main.py): the same trust; v <- m v + trust d; w <- w - lr v
+      "larc"   (solo-learn's LARS; apex's LARC, used by SwAV): as "byol" with trust = eta ||w|| / (||g|| + wd ||w||)
+    "simclr" and "byol" differ only while the lr changes (v keeps past lrs). With clip, a layer's rate
+    is min(trust, lr) instead of lr * trust (LARC's clip mode; solo-learn's CIFAR recipes)."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False, form="simclr"):
+        assert form in ("simclr", "byol", "larc"), form
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
-                                      lars_exclude=False))
+                                      form=form, lars_exclude=False))
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=g["weight_decay"])
-                layer_lr = g["lr"]
+            for p in (p for p in g["params"] if p.grad is not None):
+                d, ratio = p.grad.add(p, alpha=g["weight_decay"]), 1.0  # the layer's rate: lr * ratio
                 if not g["lars_exclude"]:
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    layer_lr = trust.clamp(max=g["lr"]) if g["clip"] else g["lr"] * trust
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(d * layer_lr)
-                p.sub_(buf)
-
+                    w_norm = p.norm()
+                    d_norm = p.grad.norm() + g["weight_decay"] * w_norm if g["form"] == "larc" else d.norm()
+                    ratio = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
+                    ratio = (ratio / g["lr"]).clamp(max=1) if g["clip"] else ratio
+                v = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)).mul_(g["momentum"])
+                if g["form"] == "simclr":
+                    p.sub_(v.add_(d * (g["lr"] * ratio)))
+                else:
+                    p.sub_(v.add_(d * ratio) * g["lr"])
 
 def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr=0.0):
     """Linear warmup over warmup_steps to base_lr, then half a cosine down to final_lr at total_steps."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final_lr + (base_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_lr + (base_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
-
-def set_lr(opt, lr):
-    """Set every group's lr (a group may hold a fixed_lr of its own, as SimSiam's predictor)."""
+def set_lr(opt, lr, **by_name):
+    """Every group's lr to lr, but a group named in by_name to its own: set_lr(opt, lr, biases=0.01)."""
     for g in opt.param_groups:
-        g["lr"] = g.get("fixed_lr", lr)
-
+        g["lr"] = by_name.get(g.get("name"), lr)
 
 @torch.no_grad()
 def ema_update(target, online, momentum):
     """target <- momentum * target + (1 - momentum) * online, for parameters (buffers stay its own)."""
     torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - momentum)
 
-
 # -------------------------------------------------------------------------------------------------
-# evaluation on frozen features
+# evaluation of frozen features: knn_top1, probe_top1, linear_top1
 
+class Progress:
+    """`what done/total | rate | ETA` at most every PROGRESS_SECONDS (the first after 5 s), and the
+    duration at the end if it took more than 5 s; main process only."""
+
+    def __init__(self, what, total):
+        self.what, self.total, self.start, self.last = what, total, time.time(), time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if done < self.total and now - self.last >= (5 if self.last == self.start else PROGRESS_SECONDS):
+            self.last, rate = now, done / (now - self.start)
+            eta = timedelta(seconds=round((self.total - done) / rate))
+            print0(f"{self.what} {done:,}/{self.total:,} | {rate:,.0f} img/s | ETA {eta}")
+        elif done >= self.total and now - self.start > 5:
+            print0(f"{self.what}: {self.total:,} in {timedelta(seconds=round(now - self.start))}")
 
 @torch.no_grad()
 def extract_features(features, data, split, rt, flip=False, batch_size=512):
-    """features(uint8 batch) -> (B, D) over a whole split, shared out over processes and gathered.
-
-    Returns float32 (N, D) features and (N,) labels on every process; with flip, also the features
-    of the horizontally flipped images (2N rows: originals first).
-    """
-    out = []
+    """features(uint8 batch) -> (B, D) over a split, shared out over processes and gathered: float32
+    (N, D) features and (N,) labels on every process; with flip, the flipped images' too (2N rows)."""
+    out, n = [], len(data.labels(split))
+    progress = Progress(f"eval: {split} features", n)
     for x, _ in data.eval_batches(split, batch_size):
         with rt.autocast():
             out.append(torch.stack([features(x)] + ([features(x.flip(3))] if flip else [])).float())
+        progress(min(n, sum(f.shape[1] for f in out) * rt.world_size))
     feats = torch.cat(out, 1)  # (1 or 2, this process's share, D)
-    labels = data._labels(split).to(feats.device)
     if _distributed():  # all_gather wants equal sizes: pad every share to the first (largest), trim after
-        sizes = [len(s) for s in torch.arange(len(labels)).tensor_split(rt.world_size)]
+        sizes = [len(s) for s in torch.arange(n).tensor_split(rt.world_size)]
         parts = [feats.new_empty(feats.shape[0], sizes[0], feats.shape[2]) for _ in sizes]
         dist.all_gather(parts, F.pad(feats, (0, 0, 0, sizes[0] - feats.shape[1])))
         feats = torch.cat([p[:, :k] for p, k in zip(parts, sizes)], 1)
-    return feats.flatten(0, 1), labels.repeat(2 if flip else 1)
-
+    return feats.flatten(0, 1), data.labels(split).to(feats.device).repeat(2 if flip else 1)
 
 @torch.no_grad()
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temperature=0.1):
-    """Weighted kNN top-1 (Wu et al. 2018): each of the k most cosine-similar train samples votes
-    for its class with weight exp(cos / temperature)."""
+    """Weighted kNN top-1 (Wu et al. 2018, whose code has T = 0.07; k = 200, T = 0.1 are the MoCo
+    CIFAR-10 demo's): each of the k most cosine-similar training samples votes for its class with
+    weight exp(cos / temperature)."""
     train_feats, test_feats = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
-    n_classes, k = int(train_labels.max()) + 1, min(k, len(train_labels))
-    correct = 0
+    n_classes, k, correct = int(train_labels.max()) + 1, min(k, len(train_labels)), 0
     for feats, labels in zip(test_feats.split(1024), test_labels.split(1024)):
         sim, idx = (feats @ train_feats.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(feats), n_classes, device=feats.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == labels).sum().item()
+        correct += (votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()).argmax(1) == labels).sum().item()
     return correct / len(test_labels)
-
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100, batch_size=256, lr=1e-2,
                  weight_decay=1e-4, seed=0):
-    """Top-1 of a linear classifier trained on frozen features (AdamW, cosine lr).
-
-    Features are standardized with the training set's mean and std first (a BatchNorm without
-    affine, as MAE's probe), so one lr suits every method.
-    """
+    """probe_top1: a fast linear classifier on precomputed frozen features, standardized so that one lr
+    suits every method (AdamW, cosine lr). Not the published protocol: linear_eval is."""
     mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
     xtr, xte = (train_feats - mean) / std, (test_feats - mean) / std
     torch.manual_seed(seed)
+    clf = nn.Linear(xtr.shape[1], int(train_labels.max()) + 1).to(xtr.device)
+    opt, steps = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay), max(1, len(xtr) // batch_size)
     with torch.enable_grad():
-        clf = nn.Linear(xtr.shape[1], int(train_labels.max()) + 1).to(xtr.device)
-        opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = max(1, len(xtr) // batch_size)
-        for step in range(epochs * steps_per_epoch):
-            if step % steps_per_epoch == 0:
-                perm = torch.randperm(len(xtr), device=xtr.device)
-            idx = perm[(step % steps_per_epoch) * batch_size:][:batch_size]
-            set_lr(opt, cosine_lr(step, epochs * steps_per_epoch, 0, lr))
-            loss = F.cross_entropy(clf(xtr[idx]), train_labels[idx])
+        for step in range(epochs * steps):
+            perm = torch.randperm(len(xtr), device=xtr.device) if step % steps == 0 else perm
+            idx = perm[(step % steps) * batch_size:][:batch_size]
+            set_lr(opt, cosine_lr(step, epochs * steps, 0, lr))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            F.cross_entropy(clf(xtr[idx]), train_labels[idx]).backward()
             opt.step()
-    with torch.no_grad():
-        return (clf(xte).argmax(1) == test_labels).float().mean().item()
+    return (clf(xte).argmax(1) == test_labels).float().mean().item()
 
+def linear_eval(features, data, rt, epochs=100, batch_size=256, lr=0.1, seed=0):
+    """linear_top1, the standard linear evaluation of published numbers, on features(uint8) -> (B, D)
+    of a model frozen in eval mode: each epoch sees every training image once as a random resized crop
+    (area 8-100%) and flip at the test images' side; the classifier takes SGD steps (momentum 0.9, no
+    weight decay) on batches of 256, its lr dropping 10x at 60% and 80% of the epochs; it is tested
+    on the test images as they are. Sources: MoCo's main_lincls.py (100 epochs, batch 256, no weight
+    decay, steps at 60 and 80), solo-learn's offline linear configs (the same; CIFAR crops of scale
+    (0.08, 1)); SimSiam's main_lincls.py: 90 epochs, cosine. They tune the lr per method (MoCo 30,
+    solo-learn 0.1 to 30) as feature scales differ; here a BatchNorm without affine weights first
+    standardizes the features (MAE's linear probe, He et al. 2022 App. A.2: still a linear map), so
+    one lr serves every method. The backbone runs under no_grad (and bf16 autocast on CUDA)."""
+    test_x, test_y = extract_features(features, data, "test", rt)
+    split = "pretrain" if data.name == "folder" else "train"  # a folder: crops of its larger (8/7) decode
+    side = data.test[0].shape[-1] if isinstance(data.test, tuple) else data.test.size
+    W, B = rt.world_size, min(batch_size, len(data.labels(split)) // rt.world_size * rt.world_size)
+    torch.manual_seed(seed * 1_000_003 + rt.rank)
+    clf = nn.Sequential(nn.BatchNorm1d(test_x.shape[1], affine=False), nn.Linear(test_x.shape[1], len(data.classes)))
+    nn.init.normal_(clf[1].weight, std=0.01), nn.init.zeros_(clf[1].bias)  # as MoCo's and SimSiam's main_lincls
+    opt = torch.optim.SGD(clf.to(rt.device).parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    steps, k = len(data.labels(split)) // B, max(1, 2048 // B)  # k classifier steps per pass through the backbone
+    progress = Progress("eval: linear, training crops", epochs * steps * B)
+    for epoch in range(epochs):
+        set_lr(opt, lr * B / 256 * 0.1 ** ((epoch >= 0.6 * epochs) + (epoch >= 0.8 * epochs)))
+        chunks = [rows.flatten() for rows in data.epoch_rows(split, epoch, B).split(k)]
+        for i, (x, y) in enumerate(data.batches(split, chunks, seed + epoch)):  # this process's share of k batches
+            crops = random_flip(random_resized_crop(to_float(x), side))
+            with torch.no_grad(), rt.autocast():
+                h = features((crops * 255).round().to(torch.uint8)).float()  # uint8 crops, as a PIL pipeline's
+            # every process gets the k global batches, (W, k, B/W) -> (k, B), and takes the same k steps
+            for hb, yb in zip(*(gather_with_grad(t).unflatten(0, (W, -1, B // W)).transpose(0, 1).flatten(1, 2)
+                                for t in (h, y))):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(clf(hb), yb).backward()
+                opt.step()
+            progress((epoch * steps + min(steps, (i + 1) * k)) * B)
+    return (clf.eval()(test_x).argmax(1) == test_y).float().mean().item()
 
-def evaluate(model, features, data, rt, probe_epochs=0):
-    """kNN top-1 and (if probe_epochs) linear-probe top-1 of features(uint8 batch) -> (B, D).
-
-    The probe trains on the un-augmented training images plus their horizontal flips.
-    """
+def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
+    """The evaluations of features(uint8 batch) -> (B, D) of the model frozen in eval mode (None if not run):
+    knn_top1     weighted kNN (k 200, T 0.1) on features of the un-augmented images;
+    probe_top1   linear_probe on features of the training images and their flips (if probe_epochs);
+    linear_top1  linear_eval, the standard protocol (if linear_epochs; -1: 100 on CUDA, none on the CPU)."""
+    if linear_epochs == -1:
+        linear_epochs = 100 if rt.device.type == "cuda" else 0
+        if not linear_epochs:
+            print0("eval: linear_top1 is not run on the CPU (100 epochs through the backbone would take hours): "
+                   "--linear_epochs=N runs it")
     model.eval()
     train, train_y = extract_features(features, data, "train", rt, flip=probe_epochs > 0)
     test, test_y = extract_features(features, data, "test", rt)
+    n = len(data.labels("train"))
+    out = {"knn_top1": knn_accuracy(train[:n], train_y[:n], test, test_y),
+           "probe_top1": linear_probe(train, train_y, test, test_y, epochs=probe_epochs) if probe_epochs else None,
+           "linear_top1": linear_eval(features, data, rt, epochs=linear_epochs) if linear_epochs else None}
     model.train()
-    n = len(train) // (2 if probe_epochs > 0 else 1)
-    knn = knn_accuracy(train[:n], train_y[:n], test, test_y)
-    linear = linear_probe(train, train_y, test, test_y, epochs=probe_epochs) if probe_epochs > 0 else None
-    return {"knn_top1": knn, "linear_top1": linear}
-
+    return out
 
 # -------------------------------------------------------------------------------------------------
-# bookkeeping: progress, checkpoints, results
-
+# bookkeeping: progress of training, checkpoints, results
 
 class Logger:
-    """Progress line + out_dir/log.jsonl every log_every steps and at each epoch's end, with images/s
-    and ETA; stops the run on a NaN/inf loss. Metrics stay on the device between log steps."""
+    """A progress line and a log.jsonl record after the first step, then every log_every steps, at
+    each epoch's end and at least every PROGRESS_SECONDS, with images/s and ETA; stops the run on a
+    NaN/inf loss. Metrics stay on the device between log steps (no host sync)."""
 
     def __init__(self, cfg, rt, steps_per_epoch, start_step, stop_step):
-        self.cfg, self.rt, self.spe, self.stop = cfg, rt, steps_per_epoch, stop_step
-        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.cfg, self.rt, self.spe, self.stop, self.start = cfg, rt, steps_per_epoch, stop_step, start_step
         self.first_bad = torch.tensor(-1, device=rt.device)  # first step whose loss was not finite
-        self.t_last, self.step_last, self.start = time.time(), start_step, start_step
-        self.train_seconds = 0.0  # time spent in training steps (evaluation and checkpoints excluded)
+        self.t_last, self.step_last, self.train_seconds = time.time(), start_step, 0.0  # time in training steps
 
     def step(self, step, **metrics):
         """Call once per step with the loss (a device tensor) and other metrics (tensors or floats)."""
-        bad = ~torch.isfinite(metrics["loss"].detach())
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
-        if (step + 1) % self.cfg.log_every and (step + 1) % self.spe and step + 1 != self.stop:
+        bad = ~torch.isfinite(metrics["loss"].detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+        now, done, first = time.time(), step + 1, step == self.start
+        if not (first or done % self.cfg.log_every == 0 or done % self.spe == 0 or done == self.stop
+                or now - self.t_last >= PROGRESS_SECONDS):
             return
         self.check()
-        now = time.time()
-        dt, ds = now - self.t_last, step + 1 - self.step_last
-        self.t_last, self.step_last, self.train_seconds = now, step + 1, self.train_seconds + dt
-        eta = (self.stop - step - 1) * dt / max(ds, 1)
-        rec = {"step": step + 1, "epoch": round((step + 1) / self.spe, 3), **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()},
-               "images_per_second": round(ds * self.cfg.batch_size / max(dt, 1e-9), 1), "eta_seconds": round(eta)}
-        self.write(rec, f"step {step + 1}/{self.stop} | epoch {rec['epoch']:.2f} | " +
-                   " | ".join(f"{k} {rec[k]:.4g}" for k in metrics) +
-                   f" | {rec['images_per_second']:.0f} img/s | ETA {timedelta(seconds=round(eta))}")
+        dt, ds = now - self.t_last, done - self.step_last
+        self.t_last, self.step_last, self.train_seconds = now, done, self.train_seconds + dt
+        eta_s = round((self.stop - done) * dt / max(ds, 1))
+        values = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        rec = {"step": done, "epoch": round(done / self.spe, 3), **values,
+               "images_per_second": round(ds * self.cfg.batch_size / max(dt, 1e-9), 1), "eta_seconds": eta_s}
+        eta = timedelta(seconds=eta_s)
+        self.write(rec, f"step {done}/{self.stop} | epoch {rec['epoch']:.2f} | " +
+                   " | ".join(f"{k} {v:.4g}" for k, v in values.items()) +
+                   f" | {rec['images_per_second']:.0f} img/s | ETA {eta}" + (f" | first step {dt:.1f} s" * first))
+        if first and self.rt.device.type == "cpu" and self.cfg.arch != "tiny":
+            print0(f"note: at this speed the run takes {eta} on this CPU. A CPU-sized run that ends in minutes: "
+                   f"python {os.path.basename(sys.argv[0])} --arch=tiny --subset=10000 --epochs=3 --batch_size=128 "
+                   "--warmup_epochs=0 (tests/results_cpu.md: each method's, with its time)")
 
     def images_per_second(self):
         return (self.step_last - self.start) * self.cfg.batch_size / max(self.train_seconds, 1e-9)
@@ -796,16 +748,15 @@ class Logger:
         if _distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() >= 0:
-            raise RunError(f"loss is NaN or infinite at step {bad.item() + 1}; stopped. The last good checkpoint "
-                           f"is {os.path.join(self.cfg.out_dir, 'ckpt.pt')} (if one was written): lower --lr or check the data.")
+            raise RunError(f"loss is NaN or infinite at step {bad.item() + 1}; stopped. The last good checkpoint is "
+                           f"{self.cfg.out_dir}/ckpt.pt (if one was written): lower --lr or check the data.")
 
     def write(self, record, line=None):
-        """Append a record to log.jsonl and print a line (main process only)."""
+        """Append a record to out_dir/log.jsonl and print a line (main process only)."""
         if self.rt.is_main:
-            with open(self.path, "a") as f:
+            with open(os.path.join(self.cfg.out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(line or " | ".join(f"{k} {v}" for k, v in record.items()), flush=True)
-
+            print(line or " | ".join(f"{k} {v}" for k, v in record.items() if v is not None), flush=True)
 
 def save_checkpoint(path, state, rt):
     """Atomic write (temp file, then rename) by the main process; plain types only (weights_only loads)."""
@@ -813,16 +764,12 @@ def save_checkpoint(path, state, rt):
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
 
-
-RESUME_MAY_CHANGE = ("resume", "max_steps", "log_every", "eval_every", "probe_epochs", "out_dir", "data_dir",
-                     "device", "dtype", "compile")
-
+RESUME_MAY_CHANGE = ("resume", "max_steps", "log_every", "eval_every", "probe_epochs", "linear_epochs", "out_dir",
+                     "data_dir", "device", "dtype", "compile")
 
 def load_checkpoint(cfg, rt):
-    """The state saved in out_dir/ckpt.pt if cfg.resume (None otherwise or when there is none yet).
-
-    A run resumes only with the settings it started with (but those in RESUME_MAY_CHANGE).
-    """
+    """The state in out_dir/ckpt.pt if cfg.resume (else None, as when there is none yet). A run resumes
+    only with the settings it started with (but those in RESUME_MAY_CHANGE)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.resume:
         return None
@@ -834,14 +781,12 @@ def load_checkpoint(cfg, rt):
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
                        "delete it or run without --resume") from None
-    changed = [k for k, v in dataclasses.asdict(cfg).items()
-               if k not in RESUME_MAY_CHANGE and state["config"].get(k) != (list(v) if isinstance(v, tuple) else v)]
+    changed = [f"{k}={state['config'].get(k)}" for k, v in dataclasses.asdict(cfg).items()
+               if k not in RESUME_MAY_CHANGE and state["config"].get(k) != v]
     if changed:
-        saved = ", ".join(f"{k}={state['config'].get(k)}" for k in changed)
-        raise RunError(f"--resume with other settings than the checkpoint's ({saved}); resume with those")
+        raise RunError(f"--resume with other settings than the checkpoint's ({', '.join(changed)}); resume with those")
     print0(f"resume: step {state['step']} from {path}")
     return state
-
 
 def write_results(results, cfg, rt):
     """Write results.json (main process) and print it."""
@@ -850,20 +795,17 @@ def write_results(results, cfg, rt):
             json.dump(results, f, indent=1)
     print0("results: " + json.dumps(results))
 
-
 def save_image_grid(rows, path, pad=2):
     """Save image rows (each (N,3,H,W) float in [0,1], all the same N) as one PNG grid, a row each."""
     grid = torchvision.utils.make_grid(torch.cat([r.detach().float().cpu() for r in rows]), nrow=len(rows[0]),
                                        padding=pad, pad_value=1.0)
     torchvision.io.write_png((grid.clamp(0, 1) * 255).round().to(torch.uint8), path)
 
-
 # -------------------------------------------------------------------------------------------------
 # colour: sRGB (D65) <-> CIE Lab
 
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
 _WHITE_D65 = (0.95047, 1.0, 1.08883)
-
 
 def rgb_to_lab(x):
     """(B,3,H,W) sRGB in [0,1] -> CIE Lab, L in [0,100], a and b roughly in [-128, 127]."""
@@ -873,7 +815,6 @@ def rgb_to_lab(x):
     d = 6 / 29
     f = torch.where(xyz > d**3, xyz.clamp(min=d**3) ** (1 / 3), xyz / (3 * d**2) + 4 / 29)
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
-
 
 def lab_to_rgb(lab, clamp=True):
     """CIE Lab (B,3,H,W) -> sRGB; clamped to [0,1] unless clamp=False (to see what is out of gamut)."""

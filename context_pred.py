@@ -70,7 +70,8 @@ class Config:
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cuda | cpu
@@ -266,7 +267,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     pretext_top1 = context_accuracy(raw_model, data, rt, cfg)
     if rt.is_main:  # the patch encoder alone, loadable into a torchvision ResNet with the CIFAR stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))

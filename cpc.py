@@ -76,7 +76,8 @@ class Config:
     warmup_epochs: int = 10  # linear warmup, then cosine decay to 0
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cuda | cpu
@@ -287,7 +288,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     if rt.is_main:  # the patch encoder alone: a torchvision ResNet with GroupNorm(1, c) layers and the CIFAR stem
         torch.save(raw_model.encoder.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "cpc", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,

@@ -74,7 +74,8 @@ class Config:
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0 (the official code keeps lr constant)
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs and PNG grids (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order, crops and masks
     device: str = "auto"  # auto | cuda | cpu
@@ -384,7 +385,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "opt": opt.state_dict(),
                     "opt_d": opt_d.state_dict(), "step": step + 1, "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     pretext = hole_mse(raw_model, data, fill, cfg, rt)
     save_inpaintings(raw_model, shown, fill, cfg, rt, "inpainting.png")
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)

@@ -73,7 +73,8 @@ class Config:
     warmup_epochs: int = 200  # linear warmup, then cosine decay to 0
     # eval
     eval_every: int = 50  # epochs between kNN monitor runs and reconstruction PNGs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order, augmentations and masks
     device: str = "auto"  # auto | cuda | cpu
@@ -341,7 +342,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = {**common.evaluate(raw_model, features, data, rt, cfg.probe_epochs), **test_loss(raw_model, data, cfg, rt)}
+    metrics = {**common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs), **test_loss(raw_model, data, cfg, rt)}
     reconstructions("reconstruction_final.png")
     if rt.is_main:  # the encoder alone (patch embedding, cls token, blocks, norm): the decoder is discarded
         encoder = {k: v for k, v in raw_model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}

@@ -67,7 +67,8 @@ class Config:
     warmup_epochs: int = 0  # linear warmup (none in the paper), then cosine decay to 0
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cuda | cpu
@@ -264,14 +265,15 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
-    mid = common.evaluate(raw_model, mid_features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
+    mid = common.evaluate(raw_model, mid_features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     pretext_top1 = rotation_accuracy(raw_model, data, rt, cfg.image_size)
     if rt.is_main:  # the trunk alone (ResNets: loadable into a torchvision ResNet with the same stem, README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "rotnet", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
                **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1),
-               "pretext_top1": pretext_top1, "knn_top1_mid": mid["knn_top1"], "linear_top1_mid": mid["linear_top1"],
+               "pretext_top1": pretext_top1, "knn_top1_mid": mid["knn_top1"], "probe_top1_mid": mid["probe_top1"],
+               "linear_top1_mid": mid["linear_top1"],
                "mid_features": raw_model.mid_name}
     common.write_results(results, cfg, rt)
     common.cleanup()

@@ -65,7 +65,8 @@ class Config:
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0 (the paper warms up only for batches >= 1024)
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     # system
     seed: int = 0  # weights, data order and augmentations
     device: str = "auto"  # auto | cuda | cpu
@@ -154,14 +155,12 @@ def simsiam_loss(p1, p2, z1, z2):
 # method helpers
 
 
-def param_groups(model, lr, weight_decay, fix_pred_lr):
-    """SGD groups: encoder (lr follows the schedule) and predictor (with fixed_lr, kept at lr by
-    common.set_lr). Weight decay on every parameter, as the official code."""
+def param_groups(model, weight_decay):
+    """SGD groups named "encoder" and "predictor" (train() gives the predictor its fixed lr by name,
+    through common.set_lr). Weight decay on every parameter, as the official code."""
     encoder = [p for name, p in model.named_parameters() if not name.startswith("predictor.")]
-    predictor = {"params": list(model.predictor.parameters()), "weight_decay": weight_decay}
-    if fix_pred_lr:
-        predictor["fixed_lr"] = lr  # common.set_lr keeps this group at lr
-    return [{"params": encoder, "weight_decay": weight_decay}, predictor]
+    return [{"name": "encoder", "params": encoder, "weight_decay": weight_decay},
+            {"name": "predictor", "params": list(model.predictor.parameters()), "weight_decay": weight_decay}]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def train(cfg: Config) -> dict:
     model_args = (cfg.arch, cfg.image_size <= 64, cfg.proj_layers, cfg.proj_hidden, cfg.proj_dim, cfg.pred_hidden)
     raw_model = common.sync_batchnorm(SimSiam(*model_args).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
-    opt = torch.optim.SGD(param_groups(raw_model, lr, cfg.weight_decay, cfg.fix_pred_lr), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9)
     start_step = 0
     if state := common.load_checkpoint(cfg, rt):
         raw_model.load_state_dict(state["model"])
@@ -199,7 +198,7 @@ def train(cfg: Config) -> dict:
             monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
-        common.set_lr(opt, lr_now)  # the predictor's group keeps its fixed_lr
+        common.set_lr(opt, lr_now, predictor=lr if cfg.fix_pred_lr else lr_now)  # paper Sec. 4.4: a fixed predictor lr
         x1, x2 = simsiam_view(x, cfg), simsiam_view(x, cfg)  # (B, 3, S, S) each
         with rt.autocast():
             p1, p2, z1, z2 = model(x1, x2)  # (B, proj_dim) each
@@ -221,7 +220,7 @@ def train(cfg: Config) -> dict:
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                     "config": dataclasses.asdict(cfg)}, rt)
 
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "simsiam", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,

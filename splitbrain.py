@@ -72,7 +72,8 @@ class Config:
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs and prediction PNGs (0 = only at the end)
-    probe_epochs: int = 100  # linear-probe epochs on frozen features at the end (0 = none)
+    probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
+    linear_epochs: int = -1  # standard linear evaluation at the end, epochs (-1: 100 on CUDA, none on CPU; 0: none)
     show: int = 8  # test images in the PNG grid
     # system
     seed: int = 0  # weights, data order and augmentations
@@ -318,7 +319,7 @@ def train(cfg: Config) -> dict:
         torch.save({"l_to_ab": raw_model.l_to_ab.backbone.state_dict(), "ab_to_l": raw_model.ab_to_l.backbone.state_dict()},
                    os.path.join(cfg.out_dir, "encoder.pt"))
         save_predictions(raw_model, shown, bins, cfg.l_bins, cfg.temperature, os.path.join(cfg.out_dir, "splitbrain.png"))
-    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs)
+    metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     pretext = pretext_metrics(raw_model, data, bins, cfg.l_bins, rt)
     common.print0(f"ab-bin top-1 {pretext['ab_top1']:.4f} | L-bin top-1 {pretext['l_top1']:.4f} (test images)")
     results = {"method": "splitbrain", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,

@@ -208,7 +208,7 @@ def test_stl10_classes_demo_pretrains_on_the_labelled_images_only(tmp_path):
                probe_epochs=0, **TEXT)
     clip.train(cfg)
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert log[0]["step"] == 2 and log[0]["epoch"] == 0.5  # 64 / 16 = 4 steps per epoch, not (64 + 256) / 16
+    assert log[1]["step"] == 2 and log[1]["epoch"] == 0.5  # 64 / 16 = 4 steps per epoch, not (64 + 256) / 16
 
 
 # -------------------------------------------------------------------------------------- training

@@ -168,7 +168,7 @@ def test_color_jitter_probability_and_order(images):
 def test_gaussian_blur_per_sample_sigma(images):
     torch.manual_seed(0)
     noise = torch.rand(64, 3, 32, 32)
-    y = common.gaussian_blur(noise, p=1.0, sigma=(0.1, 2.0), kernel_size=9)
+    y = common.gaussian_blur(noise, p=1.0, sigma=(0.1, 2.0), kernel=9)
     smoothness = (y[..., 1:] - y[..., :-1]).abs().mean((1, 2, 3))
     assert smoothness.std() > 0.01  # sigma differs per image
     assert torch.allclose(common.gaussian_blur(noise, p=0.0), noise, atol=1e-6)

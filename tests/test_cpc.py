@@ -127,7 +127,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(cpc, tmp_path, **FAST)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert "acc" in log[1] and log[0]["step"] == 0  # log[0]: the monitor at random initialisation
 
 

@@ -139,7 +139,7 @@ def test_smoke_run_writes_log_ckpt_results_and_pngs(tmp_path):
     cfg, results = assert_smoke_run(mae, tmp_path, **SMALL_DECODER)
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     for name in ("reconstruction_epoch1.png", "reconstruction_final.png"):
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
         assert png.shape == (3, 3 * 34 + 2, 8 * 34 + 2)  # 3 rows (original, masked, reconstruction) of 8 images, 2 px padding

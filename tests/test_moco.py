@@ -209,7 +209,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(moco, tmp_path, extra_keys=("version",))
     assert results["steps"] == 16 and results["version"] == 2
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert {"z_std", "pos_cos"} <= set(log[1])  # log[0]: the monitor at random initialisation
     state = load_ckpt(cfg)
     assert state["queue"].shape == (4096, 128) and state["queue_ptr"] == 16 * 64

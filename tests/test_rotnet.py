@@ -105,9 +105,9 @@ def test_config_checks():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = assert_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", "knn_top1_mid", "linear_top1_mid"))
+    cfg, results = assert_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", "knn_top1_mid", "probe_top1_mid", "linear_top1_mid"))
     assert results["steps"] == 16 and results["mid_features"] == "conv3"
-    assert 0 <= results["pretext_top1"] <= 1 and 0 <= results["knn_top1_mid"] <= 1 and 0 <= results["linear_top1_mid"] <= 1
+    assert 0 <= results["pretext_top1"] <= 1 and 0 <= results["knn_top1_mid"] <= 1 and 0 <= results["probe_top1_mid"] <= 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert all("pretext_acc" in r for r in log if "loss" in r)
     assert any("pretext_top1" in r and r.get("epoch") == 1 for r in log)  # the monitor reports rotation accuracy too

@@ -67,16 +67,15 @@ def test_stop_gradient_z_gets_no_gradient_from_its_own_term():
 
 def test_param_groups_split_predictor_with_fixed_lr():
     model = simsiam.SimSiam("tiny", True, 2, 64, 64, 16)
-    groups = simsiam.param_groups(model, 0.06, 5e-4, fix_pred_lr=True)
+    groups = simsiam.param_groups(model, 5e-4)
+    assert [g["name"] for g in groups] == ["encoder", "predictor"]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.predictor.parameters()}
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
-    assert groups[1]["fixed_lr"] == 0.06 and "fixed_lr" not in groups[0]
     opt = torch.optim.SGD(groups, lr=0.06, momentum=0.9)
     for step in range(0, 100, 10):  # drive the cosine schedule: the encoder decays, the predictor stays
-        common.set_lr(opt, common.cosine_lr(step, 100, 0, 0.06))
+        common.set_lr(opt, common.cosine_lr(step, 100, 0, 0.06), predictor=0.06)
         assert opt.param_groups[1]["lr"] == 0.06
     assert opt.param_groups[0]["lr"] < 0.01
-    assert "fixed_lr" not in simsiam.param_groups(model, 0.06, 5e-4, fix_pred_lr=False)[1]
 
 
 def test_predictor_lr_stays_fixed_in_training_while_the_rest_decays(tmp_path):
@@ -84,7 +83,7 @@ def test_predictor_lr_stays_fixed_in_training_while_the_rest_decays(tmp_path):
     simsiam.train(cfg)
     lr = cfg.lr * cfg.batch_size / 256
     encoder, predictor = load_ckpt(cfg)["opt"]["param_groups"]
-    assert predictor["lr"] == lr and predictor["fixed_lr"] == lr
+    assert predictor["lr"] == lr
     assert encoder["lr"] == pytest.approx(common.cosine_lr(7, 8, 0, lr)) and encoder["lr"] < 0.1 * lr
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     lrs = [r["lr"] for r in log if "lr" in r]

@@ -181,7 +181,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     assert results["steps"] == 16
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     steps = [r for r in log if "loss" in r]
-    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [r["step"] for r in steps] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert all(0 < r["z_std"] <= 1 and math.isfinite(r["loss"]) for r in steps)
 
 
