@@ -14,12 +14,25 @@ thrown away and h is the representation.
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 simclr.py
     python simclr.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
-Defaults are the official code's CIFAR-10 settings (ResNet-18 with CIFAR stem, batch 512, 1000
-epochs, LARS with base lr 1.0 per 256 images, weight decay 1e-6, 10 warmup epochs, temperature 0.5,
-colour-jitter strength 0.5, no blur); its README reports about 91% linear top-1 for them.
-Results of this file: not yet measured (see README).
-Evaluated features: the backbone's pooled output h (512-d for ResNet-18); the probe trains on
-frozen h of the un-augmented training images and their flips.
+Defaults: the official code's CIFAR-10 command, SimCLR v1 (google-research/simclr at its first
+commit, be133b3, March 2020; the current master is v2, whose README changes the weight decay to 1e-4
+and whose head has 3 layers); its README reports about 91% linear top-1 for it. Evaluated features:
+the backbone's pooled h (512-d for ResNet-18) for knn_top1, probe_top1 and linear_top1 (common.evaluate).
+Results of this file: not yet measured (README).
+
+Departures from the sources (P: the paper, arXiv v3; C: the official v1 code):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| trunk | ResNet-50, CIFAR stem (P B.9) | ResNet-18, CIFAR stem (C README) | as C |
+| batch, epochs | 256 to 4096, up to 1000 (P B.9) | 512, 1000 (C README) | as C |
+| lr per 256 images | 0.5, 1.0 or 1.5 (P B.9) | 1.0 (C README), scaled linearly (C model_util.py) | as C |
+| loss | mean over the 2N anchors (P Alg. 1) | loss_a + loss_b: twice that (C objective.py) | as C |
+| LARS momentum | - | the lr inside the buffer (C lars_optimizer.py) | as C (common.LARS form "simclr") |
+| brightness jitter | + delta, tf.image (P App. A) | + delta (C data_util.py) | x factor, torchvision's |
+| contrast jitter | around each channel's mean (P App. A) | as P (C data_util.py) | around the gray mean (torchvision) |
+| input | pixels in [0, 1] | pixels in [0, 1] (C data_util.py) | standardized, ImageNet mean and std |
+| linear evaluation | on frozen h (P Sec. 3) | SGD 0.1, 100 epochs, batch 512, crops, flips (C README) | linear_eval |
 """
 
 import dataclasses
@@ -170,8 +183,9 @@ def train(cfg: Config) -> dict:
         with rt.autocast():
             z = model(torch.cat([x1, x2]))  # (2B, proj_dim), both views in one pass
         z1, z2 = z.float().chunk(2)  # (B, proj_dim) each
-        # every process scores all N = world * B pairs: the negatives span the GLOBAL batch
-        loss = nt_xent_loss(common.gather_with_grad(z1), common.gather_with_grad(z2), cfg.temperature)
+        # every process scores all N = world * B pairs: the negatives span the GLOBAL batch. The official
+        # objective is loss_a + loss_b, twice the paper's mean over the 2N anchors; its lr was tuned on that
+        loss = 2 * nt_xent_loss(common.gather_with_grad(z1), common.gather_with_grad(z2), cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -191,7 +205,8 @@ def train(cfg: Config) -> dict:
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "simclr", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1)}
+               **metrics, "train_seconds": round(log.train_seconds, 1),
+               "images_per_second": round(log.images_per_second(), 1)}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

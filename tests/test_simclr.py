@@ -56,6 +56,30 @@ def test_nt_xent_identities():
     assert simclr.nt_xent_loss(e, e, 0.5).item() == pytest.approx(expected, rel=1e-6)
 
 
+def official_objective(z1, z2, T):
+    """google-research/simclr v1, objective.py, written out: loss_a + loss_b, each the mean cross-entropy of
+    [logits_ab | logits_aa] (resp. [logits_ba | logits_bb]) with the self-similarities masked by -1e9."""
+    h1, h2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    N, mask = len(z1), torch.eye(len(z1)) * 1e9
+    labels = torch.arange(N)
+    loss_a = F.cross_entropy(torch.cat([h1 @ h2.T / T, h1 @ h1.T / T - mask], 1), labels)
+    loss_b = F.cross_entropy(torch.cat([h2 @ h1.T / T, h2 @ h2.T / T - mask], 1), labels)
+    return loss_a + loss_b
+
+
+def test_training_loss_is_the_official_objective(tmp_path, monkeypatch):
+    """train() minimizes the official code's loss_a + loss_b (twice the paper's mean), on which its lr was tuned."""
+    seen = []
+    real = simclr.nt_xent_loss
+    monkeypatch.setattr(simclr, "nt_xent_loss", lambda z1, z2, T: seen.append((z1.detach(), z2.detach())) or real(z1, z2, T))
+    cfg = tiny(simclr.Config, tmp_path, max_steps=1, probe_epochs=0, log_every=1)
+    simclr.train(cfg)
+    logged = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line][0]["loss"]
+    z1, z2 = seen[0]
+    assert logged == pytest.approx(official_objective(z1, z2, cfg.temperature).item(), rel=1e-5)
+    assert logged == pytest.approx(2 * real(z1, z2, cfg.temperature).item(), rel=1e-5)
+
+
 # -------------------------------------------------------------------------------------- training
 
 
