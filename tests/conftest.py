@@ -119,7 +119,7 @@ def assert_smoke_run(module, tmp_path, extra_keys=(), **overrides):
 
 def assert_resumes_exactly(module, tmp_path, **overrides):
     """N steps straight == N/2 steps, stop (mid-epoch), resume to N: identical weights and state."""
-    kw = dict(subset=320, epochs=2, eval_every=1, probe_epochs=0, **overrides)
+    kw = {**dict(subset=320, epochs=2, eval_every=1, probe_epochs=0), **overrides}
     straight = tiny(module.Config, tmp_path / "a", max_steps=8, **kw)
     module.train(straight)
     module.train(tiny(module.Config, tmp_path / "b", max_steps=4, **kw))
