@@ -1,0 +1,56 @@
+"""A run speaks at once: a progress line after the first step and at least every PROGRESS_SECONDS, the
+evaluations' progress, and a notice when a GPU recipe runs on the CPU."""
+
+import json
+import os
+import time
+
+from conftest import first_test_images, tiny
+
+import common
+import simclr
+
+
+def logged_steps(cfg):
+    return [r["step"] for r in map(json.loads, open(os.path.join(cfg.out_dir, "log.jsonl"))) if "loss" in r]
+
+
+def test_progress_after_the_first_step_then_every_log_every_steps(tmp_path):
+    cfg = tiny(simclr.Config, tmp_path, max_steps=4, log_every=100, probe_epochs=0)
+    simclr.train(cfg)
+    assert logged_steps(cfg) == [1, 4]  # the first step, then the last: log_every is far
+
+
+def test_slow_steps_print_progress_before_log_every_steps(tmp_path, monkeypatch):
+    """Steps slower than PROGRESS_SECONDS: a line after every step although log_every=100."""
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.2)
+    real = simclr.nt_xent_loss
+    monkeypatch.setattr(simclr, "nt_xent_loss", lambda *args: time.sleep(0.3) or real(*args))
+    cfg = tiny(simclr.Config, tmp_path, max_steps=4, log_every=100, probe_epochs=0)
+    simclr.train(cfg)
+    assert logged_steps(cfg) == [1, 2, 3, 4]
+
+
+def test_evaluations_print_their_progress(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)
+    cfg = tiny(simclr.Config, tmp_path, max_steps=1, probe_epochs=0)
+    simclr.train(cfg)
+    out = capsys.readouterr().out
+    assert "eval: train features 512/" not in out  # a line is printed only before the end: done/total, rate, ETA
+    assert "eval: test features" in out and "img/s | ETA" in out
+    assert "eval: test features: 2,000 in" in out  # and the duration at the end
+
+
+def test_a_gpu_recipe_on_the_cpu_says_so_first_then_how_long_it_would_take(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "load_data", first_test_images(common.load_data, 64))  # a cheap final evaluation
+    cfg = tiny(simclr.Config, tmp_path, arch="resnet18", subset=16, batch_size=8, max_steps=1, probe_epochs=0)
+    simclr.train(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("note: a GPU recipe (resnet18, batch 8, 1 epochs) is running on the CPU")
+    note = next(line for line in lines if line.startswith("note: at this speed the run takes"))
+    assert "python" in note and "--arch=tiny" in note
+
+
+def test_a_cpu_sized_run_has_no_notice(tmp_path, capsys):
+    simclr.train(tiny(simclr.Config, tmp_path, max_steps=1, probe_epochs=0))
+    assert "note:" not in capsys.readouterr().out
