@@ -2,34 +2,54 @@
 
 Pathak, Krahenbuhl, Donahue, Darrell, Efros. CVPR 2016. arXiv:1604.07379.
 
-A region of each image is removed (filled with the dataset's mean colour) and an encoder-decoder F
-must paint it back from the context around it. The loss is a masked L2 reconstruction, weighted
-0.999, plus 0.001 times an adversarial loss from a discriminator D that tells real hole contents
-from predicted ones (paper Sec. 3.2; D sees the predicted region, not the context, as the official
-code's default). The decoder predicts a slightly larger region than the hole, and squared errors in
-the band where it overlaps the visible context weigh 10 times as much (official code's overlapPred).
-Encoder and decoder are joined by the paper's channel-wise fully-connected layer (Sec. 3.1), so
-every painted pixel can depend on the whole image. D and F are trained in turns: a D step on real
-and (detached) predicted regions, then an F step; each has its own Adam optimizer. To fill the hole
-well the encoder must understand what the image shows; its features are the representation.
+A region of each image is removed (filled with the mean colour) and an encoder-decoder F must paint
+it back from the context around it, under a masked L2 reconstruction loss (paper Sec. 3.2). Encoder
+and decoder are joined by a channel-wise fully-connected layer (Sec. 3.1), so that every painted
+pixel can depend on the whole image. To fill the hole well the encoder must understand what the
+image shows; its features are the representation. F paints a region slightly larger than the hole:
+squared errors in the band where it overlaps the visible context weigh 10 times as much (Sec. 4).
+Two recipes, a flag apart:
+  features (the default): random-region holes and the L2 loss alone. A central hole teaches features
+      that latch onto the hole's boundary (Sec. 3.3), so the paper's feature experiments use random
+      regions, trained with the reconstruction loss only (Sec. 5.2; official README: the released
+      features are "trained with reconstruction loss");
+  inpainting (--mask=center --adv_weight=0.001): the central hole and the joint loss 0.999 L2 + 0.001
+      adversarial, where a DCGAN discriminator D tells real regions from painted ones and D and F take
+      Adam steps in turns (official train.lua): sharper pictures in inpainting*.png.
 
-    python inpainting.py                                         # 1 GPU: CIFAR-10, central 16 px hole
+    python inpainting.py                                         # 1 GPU: CIFAR-10, the feature recipe
+    python inpainting.py --mask=center --adv_weight=0.001        # the inpainting recipe, with D
     torchrun --standalone --nproc_per_node=8 inpainting.py       # 8 GPUs, same global batch of 64
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 inpainting.py
     python inpainting.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=64   # CPU smoke run
-    python inpainting.py --mask=regions                          # random-region holes (also: --mask=blocks)
 
-Defaults: no CIFAR-10 recipe was published, so the official code's 128 px recipe is scaled to 32 px:
-a central hole of a quarter of the image (64 of 128 px there, 16 of 32 px here), a 1 px overlap band
-(4 px at 128 px), weights 0.999 / 0.001, batch 64, Adam with betas (0.5, 0.999), D at lr 2e-4 and the
-encoder-decoder at 10x that (the official code's rule for the joint loss), no weight decay, 500
-epochs (its niter=500), the hole filled with the training set's mean colour. Published number for
-reference (not CIFAR-10): AlexNet context encoder on ImageNet, 56.5% PASCAL VOC 2007 classification
-mAP after fine-tuning (paper Table 2). Results of this file: not yet measured (see README).
-Evaluated features: the ResNet trunk's pooled output (512-d for ResNet-18) on UN-masked images; the
-decoder sees the trunk's last feature map before pooling; kNN and linear probe as simclr.py.
-Pretext metric: hole_mse, the test-set mean squared error inside the hole (pixels in [0, 1]), next
-to hole_mse_mean_fill, the same for the hole left at the mean colour.
+Defaults: no CIFAR recipe was published; the official code's 128 px recipe scaled to 32 px ("this
+file" below). Evaluated features: the trunk's pooled output (512-d for ResNet-18) on un-masked images
+resized to image_size, for knn_top1, probe_top1 and linear_top1 (common.evaluate); the decoder reads
+the trunk's last map before pooling. Pretext metric: hole_mse, the test-set mean squared error in the
+hole (pixels in [0, 1]), next to hole_mse_mean_fill for the hole left at the fill colour. Published
+number for reference (not CIFAR-10): AlexNet context encoder on ImageNet, 56.5% PASCAL VOC 2007
+classification mAP after fine-tuning (P Table 2). Results of this file: not yet measured (README).
+
+Departures from the sources (P: the paper, arXiv v2; C: the official Torch code, pathak22/context-encoder):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| encoder | AlexNet to pool5 (P Sec. 3.1) | strided convs to a 4000-d code (C train.lua, README) | ResNet's last map |
+| encoder to decoder | channel-wise FC, then a conv (P Sec. 3.1) | none (C train.lua) | as P (a 1x1 conv) |
+| decoder | 5 up-convolutions (P Sec. 3.1) | 5 up-convs to the 64 px region (C train.lua) | 3 at 32 px, whole image |
+| image, region | - | 128 px, central 64 px (C train.lua) | 32 px, central 16 px |
+| random regions | VOC masks, <= 1/4 (P Sec. 3.3) | noise, 20-30%, per batch (C train_random.lua) | 1/4, per image |
+| random blocks | features as random regions' (P Sec. 3.3) | - | not offered |
+| hole in region | 7 px overlap (P Sec. 4) | hole 56 of 64 px (C README: overlapPred=4) | hole 14 of 16 px |
+| L2 over | the dropped region (P Sec. 3.2) | region; whole image (C train_random.lua) | region, band 10x (as C) |
+| loss | L2 alone for features (P Sec. 5.2) | 0.999 L2 + 0.001 adversarial (C README) | as P; as C: a flag |
+| lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C: F 2e-4 with L2 |
+| D's input | not the context (P Sec. 3.2) | region; whole image (C train_random.lua) | image times region |
+| fill colour | constant mean value (P Sec. 4) | (117, 104, 123) / 255 (C train.lua) | training set's mean |
+| crop, input | - | 128 px of 350 px, flip, [-1, 1] (C donkey_folder.lua) | 50-100% area, flip, standardized |
+| schedule, init | - | constant lr, 500 epochs; N(0, 0.02) (C README, train.lua) | cosine to 0, 500; torch's |
+| evaluation | fine-tuned on PASCAL VOC (P Sec. 5.2) | - | frozen trunk (common.evaluate) |
 """
 
 import dataclasses
@@ -42,7 +62,7 @@ import torch.nn.functional as F
 
 import common
 
-MASKS = ("center", "blocks", "regions")
+MASKS = ("regions", "center")
 
 
 @dataclass(frozen=True)
@@ -55,20 +75,18 @@ class Config:
     image_size: int = 32  # side of the training images, a multiple of 32 (96 for STL-10, 224 for ImageNet)
     # model
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
-    d_width: int = 64  # discriminator's first conv width (DCGAN's ndf, official code)
+    d_width: int = 64  # discriminator's first conv width (DCGAN's ndf, official code), if adv_weight > 0
     # method
-    mask: str = "center"  # center (paper default) | blocks | regions: every kind removes exactly 1/4 of the image
-    overlap: int = 1  # px the prediction reaches beyond the hole (official 4 px at 128 px, scaled to 32 px)
-    overlap_weight: float = 10.0  # weight of squared errors in that overlap band (official code), 1 in the hole
-    rec_weight: float = 0.999  # lambda_rec of the joint loss (paper Sec. 3.2)
-    adv_weight: float = 0.001  # lambda_adv of the joint loss (paper Sec. 3.2); 0 = L2 only
+    mask: str = "regions"  # regions (the paper's for features) | center (for pictures): a quarter of the image
+    overlap: int = 1  # px of the predicted region's band that F still sees (official 4 px at 128 px, scaled to 32)
+    overlap_weight: float = 10.0  # weight of squared errors in that band (official code), 1 in the hole
+    adv_weight: float = 0.0  # lambda_adv; lambda_rec = 1 - it. 0: L2 alone (paper Sec. 5.2); 0.001: the joint loss
     crop_min: float = 0.5  # smallest area fraction of the random resized crop (plus a random flip)
     # optim
     epochs: int = 500  # passes over the training images (official niter=500)
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
     batch_size: int = 64  # global batch, split across processes (official 64)
-    lr: float = 2e-3  # Adam lr of encoder + decoder: 10x D's (official code, joint loss); not scaled with the batch
-    d_lr: float = 2e-4  # Adam lr of the discriminator (official code, DCGAN); not scaled with the batch
+    lr: float = 2e-4  # Adam lr of D, and of F but under the joint loss (10x then, official code); not scaled with batch
     beta1: float = 0.5  # Adam beta1 of both optimizers (DCGAN, official code); beta2 is 0.999
     weight_decay: float = 0.0  # encoder-decoder weights only (not biases and BN); the official code uses none
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0 (the official code keeps lr constant)
@@ -80,7 +98,7 @@ class Config:
     seed: int = 0  # weights, data order, crops and masks
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
-    compile: str = "auto"  # torch.compile both networks: auto (on CUDA only) | true | false
+    compile: str = "auto"  # torch.compile the networks: auto (on CUDA only) | true | false
     log_every: int = 50  # steps between progress lines
     resume: bool = False  # continue from out_dir/ckpt.pt
 
@@ -89,14 +107,14 @@ class Config:
         if self.mask not in MASKS:
             raise ValueError(f"--mask={self.mask} is impossible: it must be one of {', '.join(MASKS)}")
         if self.image_size % 32:
-            raise ValueError(f"--image_size={self.image_size} is impossible: it must be a multiple of 32 (hole, "
-                             "blocks and the decoder's up-convolutions tile it exactly)")
+            raise ValueError(f"--image_size={self.image_size} is impossible: it must be a multiple of 32 (the "
+                             "central region and the decoder's up-convolutions tile it exactly)")
         if not 0 <= self.overlap < self.image_size // 4:
             raise ValueError(f"--overlap must be in [0, {self.image_size // 4}) px, got {self.overlap}")
-        if self.overlap_weight <= 0 or min(self.rec_weight, self.adv_weight) < 0 or not self.rec_weight + self.adv_weight:
-            raise ValueError("--overlap_weight must be > 0, --rec_weight and --adv_weight >= 0 and not both 0")
-        if self.d_lr <= 0 or self.d_width < 1 or not 0 <= self.beta1 < 1 or not 0 < self.crop_min <= 1:
-            raise ValueError("--d_lr must be > 0, --d_width >= 1, --beta1 in [0, 1) and --crop_min in (0, 1]")
+        if self.overlap_weight <= 0 or not 0 <= self.adv_weight <= 1:
+            raise ValueError("--overlap_weight must be > 0 and --adv_weight in [0, 1]")
+        if self.lr <= 0 or self.d_width < 1 or not 0 <= self.beta1 < 1 or not 0 < self.crop_min <= 1:
+            raise ValueError("--lr must be > 0, --d_width >= 1, --beta1 in [0, 1) and --crop_min in (0, 1]")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -110,42 +128,37 @@ def inpainting_view(x, cfg):
 
 
 def eval_view(x, size):
-    """Un-augmented uint8 images -> float [0,1] at the training side (the fully-connected layer fixes it)."""
+    """Un-augmented uint8 images -> float [0,1] at the training side (the scale the trunk learned, as rotnet.py)."""
     x = common.to_float(x)
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
 
 
-def random_mask(n, size, kind, device=None, generator=None):
-    """(n, 1, size, size) float masks, 1 = removed, each covering exactly a quarter of its image.
-
-    center:  the central (size/2)^2 square (the paper's 64 px hole in 128 px images).
-    blocks:  4 random cells of a 4x4 grid of (size/4)^2 squares, the grid shifted by a random offset
-             of less than a cell with wrap-around (paper Sec. 3.3: several smaller blocks).
-    regions: the lowest quarter of uniform 8x8 noise upsampled bicubically: a union of random blobs,
-             as the official random-region pattern (thresholded upsampled noise, density 0.25, about
-             8 noise cells per image side); the quarter is taken per image, so the area is exact.
-    """
-    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)  # noqa: E731
-    S = size
-    if kind == "center":
-        m = torch.zeros(n, 1, S, S, device=device)
-        m[:, :, S // 4: S // 4 + S // 2, S // 4: S // 4 + S // 2] = 1
-        return m
-    if kind == "blocks":
-        cell = S // 4
-        cells = torch.zeros(n, 16, device=device).scatter_(1, rand(n, 16).topk(4, 1).indices, 1.0)  # (n, 16): 4 chosen
-        shift = (rand(n, 2) * cell).long()  # (n, 2) grid offset in px
-        rows = (torch.arange(S, device=device) + shift[:, :1]) // cell % 4  # (n, S) grid row of each pixel row
-        cols = (torch.arange(S, device=device) + shift[:, 1:]) // cell % 4  # (n, S)
-        return cells.gather(1, (rows[:, :, None] * 4 + cols[:, None, :]).flatten(1)).view(n, 1, S, S)
-    noise = F.interpolate(rand(n, 1, 8, 8), size=(S, S), mode="bicubic", align_corners=False).flatten(1)  # (n, S*S)
-    lowest = noise.topk(S * S // 4, 1, largest=False).indices  # (n, S*S/4)
-    return torch.zeros(n, S * S, device=device).scatter_(1, lowest, 1.0).view(n, 1, S, S)
+def central_region(n, size, device=None):
+    """(n,1,S,S), 1 = to paint: the central (S/2)^2 square, a quarter of the image (train.lua: 64 of 128 px)."""
+    m = torch.zeros(n, 1, size, size, device=device)
+    m[:, :, size // 4: size - size // 4, size // 4: size - size // 4] = 1
+    return m
 
 
-def predicted_region(hole, overlap):
-    """The hole grown by `overlap` px in every direction (a square dilation): what the decoder must paint."""
-    return F.max_pool2d(hole, 2 * overlap + 1, stride=1, padding=overlap) if overlap else hole
+def random_regions(n, size, device=None, generator=None):
+    """(n,1,S,S), 1 = to paint: random blobs covering exactly a quarter of each image, where uniform 8x8
+    noise upsampled bicubically is lowest. train_random.lua thresholds upsampled noise the same way
+    (density 0.25, about 8 noise cells per image side); the paper pastes deformed PASCAL VOC shapes."""
+    noise = torch.rand(n, 1, 8, 8, device=device, generator=generator)
+    noise = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False).flatten(1)  # (n, S*S)
+    lowest = noise.topk(size * size // 4, 1, largest=False).indices  # (n, S*S/4)
+    return torch.zeros(n, size * size, device=device).scatter_(1, lowest, 1.0).view(n, 1, size, size)
+
+
+def predicted_region(kind, n, size, device=None, generator=None):
+    """(n,1,S,S): the region F paints, of the mask kind `kind`."""
+    return central_region(n, size, device) if kind == "center" else random_regions(n, size, device, generator)
+
+
+def hole_in(region, overlap):
+    """The hole removed from F's input: the region shrunk by `overlap` px on every side, so that F still sees
+    the band it must paint consistently (train.lua fills 56 px of its 64 px region). (B,1,S,S) -> (B,1,S,S)."""
+    return -F.max_pool2d(-region, 2 * overlap + 1, stride=1, padding=overlap) if overlap else region
 
 
 def mask_image(img, hole, fill):
@@ -187,9 +200,12 @@ class ContextEncoder(nn.Module):
     def __init__(self, arch, small_images, image_size):
         super().__init__()
         self.backbone, width = common.resnet(arch, small_images)
-        stride = 8 if arch == "tiny" or small_images else 32  # the trunk's total downsampling (common.resnet)
-        widths = [max(min(width // 2, 512) >> i, 16) for i in range(stride.bit_length())]  # 1x1 conv, then one per up
-        layers = [ChannelwiseFC(width, image_size // stride), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        n_up = 3 if arch == "tiny" or small_images else 5  # the trunk shrinks the side 8x (CIFAR stem, tiny) or 32x
+        # widths: the 1x1 conv's, then each up-convolution's, halving as DCGAN's generator does, from half the
+        # trunk's width (at most 512), never below 16. ResNet-18 at 32 px: 256, 128, 64, 32; tiny: 64, 32, 16, 16
+        first = min(width // 2, 512)
+        widths = [max(first // 2**i, 16) for i in range(n_up + 1)]
+        layers = [ChannelwiseFC(width, image_size // 2**n_up), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                   nn.Conv2d(width, widths[0], 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
         for c_in, c_out in zip(widths, widths[1:]):  # each up-convolution doubles the side
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
@@ -221,24 +237,23 @@ class Discriminator(nn.Module):
 # loss
 
 
-def reconstruction_loss(pred, target, hole, overlap, overlap_weight):
-    """Masked L2 of paper Eq. 2 with the official overlap weighting.
+def reconstruction_loss(pred, target, hole, region, overlap_weight):
+    """Masked L2 of paper Sec. 3.2 with the official overlap weighting.
 
-    pred, target: (B,3,H,W) pixels in [-1,1]; hole: (B,1,H,W), 1 = removed. The prediction covers the
-    hole grown by `overlap` px; squared errors weigh 1 in the hole, overlap_weight in the band around
-    it and 0 in the rest of the context. Per image: the weighted sum over the predicted region divided
-    by its 3 * pixels (the official code's MSE over the predicted patch), then the mean over images (so
-    the mean over processes equals the one-process loss). Computed in float32.
+    pred, target: (B,3,H,W) pixels in [-1,1]; hole, region: (B,1,H,W), the removed pixels and the larger
+    region F paints. Squared errors weigh 1 in the hole, overlap_weight in the band (region less hole)
+    and 0 in the rest of the context. Per image: the weighted sum over the region divided by its
+    3 * pixels (the official code's MSE over the predicted patch), then the mean over images (so the
+    mean over processes equals the one-process loss). Computed in float32.
     """
-    pred, target, hole = pred.float(), target.float(), hole.float()
-    region = predicted_region(hole, overlap)  # (B,1,H,W): hole and band
+    pred, target, hole, region = pred.float(), target.float(), hole.float(), region.float()
     weight = hole + overlap_weight * (region - hole)  # (B,1,H,W): 1 hole, overlap_weight band, 0 elsewhere
     err = (pred - target).square() * weight  # (B,3,H,W)
     return (err.sum((1, 2, 3)) / (3 * region.sum((1, 2, 3)))).mean()
 
 
 def discriminator_loss(d_real, d_fake):
-    """D's loss (paper Eq. 3, maximized by D): -log D(real) - log(1 - D(fake)), batch means, summed as the
+    """D's loss (paper Sec. 3.2, maximized by D): -log D(real) - log(1 - D(fake)), batch means, summed as the
     official code. d_real, d_fake: (B,) logits; in float32 through log-sigmoid, never sigmoid then log."""
     d_real, d_fake = d_real.float(), d_fake.float()
     return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) +
@@ -256,26 +271,32 @@ def adversarial_loss(d_fake):
 
 
 def dataset_mean(data):
-    """(3,) mean colour in [0,1] of the pretraining images (ImageNet's for folder datasets, as the paper)."""
+    """(3,) mean colour in [0,1] of the pretraining images (ImageNet's for folder datasets)."""
     if not isinstance(data.pretrain, tuple):
         return torch.tensor(common.MEAN, device=data.rt.device)
     x = data.pretrain[0]
     return sum(c.float().sum((0, 2, 3)) for c in x.split(4096)) / (x.numel() / 3) / 255
 
 
+def eval_masks(n, cfg, generator):
+    """(region, hole) of n test images, both (n,1,S,S) on the CPU, drawn from `generator`."""
+    region = predicted_region(cfg.mask, n, cfg.image_size, generator=generator)
+    return region, hole_in(region, cfg.overlap)
+
+
 @torch.no_grad()
 def hole_mse(raw_model, data, fill, cfg, rt):
     """Test-set mean squared error inside the hole (pixels in [0,1]) of F's prediction and of the mean fill.
 
-    Random masks come from a generator seeded per process, so the same images get the same masks at
-    every evaluation (for blocks and regions, which masks they are depends on the number of processes).
+    Random regions come from a generator seeded per process, so the same images get the same masks at
+    every evaluation (which masks they are depends on the number of processes).
     """
     raw_model.eval()
     g = torch.Generator().manual_seed(cfg.seed * 1000 + rt.rank)
     sums = torch.zeros(3, device=rt.device)  # squared errors of prediction and mean fill, hole values
     for x, _ in data.eval_batches("test", 512):
         img = eval_view(x, cfg.image_size)  # (b,3,S,S)
-        hole = random_mask(len(img), cfg.image_size, cfg.mask, generator=g).to(rt.device)  # (b,1,S,S)
+        hole = eval_masks(len(img), cfg, g)[1].to(rt.device)  # (b,1,S,S)
         with rt.autocast():
             pred = raw_model(common.normalize(mask_image(img, hole, fill)))
         pred = (pred.float() + 1) / 2  # [-1,1] -> [0,1]
@@ -293,8 +314,7 @@ def save_inpaintings(raw_model, x, fill, cfg, rt, name):
         return
     raw_model.eval()
     img = eval_view(x, cfg.image_size)
-    g = torch.Generator().manual_seed(cfg.seed)  # the same masks in every grid of the run
-    hole = random_mask(len(img), cfg.image_size, cfg.mask, generator=g).to(img.device)
+    hole = eval_masks(len(img), cfg, torch.Generator().manual_seed(cfg.seed))[1].to(img.device)  # the same each time
     masked = mask_image(img, hole, fill)
     pred = (raw_model(common.normalize(masked)).float() + 1) / 2
     common.save_image_grid([masked, torch.where(hole.bool(), pred, img), img], os.path.join(cfg.out_dir, name))
@@ -311,27 +331,30 @@ def train(cfg: Config) -> dict:
     steps_per_epoch = data.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
-    lr, d_lr = cfg.lr, cfg.d_lr  # constant rule: the official Adam GAN rates (batch 64), not scaled with the batch
+    adversarial = cfg.adv_weight > 0  # the joint loss: D is built and trained; with L2 alone there is no D
+    lr = cfg.lr * 10 if 0 < cfg.adv_weight < 1 else cfg.lr  # F's: 10x D's under the joint loss only (C train.lua)
     fill = dataset_mean(data)  # (3,) the colour of the hole in F's input
-    common.print0(f"inpainting: {total_steps} steps, Adam lr {lr:.3g} (F) / {d_lr:.3g} (D), mask {cfg.mask}, "
-                  f"fill {[round(v, 3) for v in fill.tolist()]}")
+    common.print0(f"inpainting: {total_steps} steps, Adam lr {lr:.3g} (F)" + (f" / {cfg.lr:.3g} (D)" if adversarial
+                  else ", L2 alone, no D") + f", mask {cfg.mask}, fill {[round(v, 3) for v in fill.tolist()]}")
 
     raw_model = common.sync_batchnorm(ContextEncoder(cfg.arch, cfg.image_size <= 64, cfg.image_size).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
-    raw_disc = common.sync_batchnorm(Discriminator(cfg.image_size, cfg.d_width).to(rt.device), rt)
-    disc = common.compile_and_ddp(raw_disc, rt)
     opt = torch.optim.Adam(common.param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(cfg.beta1, 0.999))
-    opt_d = torch.optim.Adam(raw_disc.parameters(), lr=d_lr, betas=(cfg.beta1, 0.999))
+    if adversarial:
+        raw_disc = common.sync_batchnorm(Discriminator(cfg.image_size, cfg.d_width).to(rt.device), rt)
+        disc = common.compile_and_ddp(raw_disc, rt)
+        opt_d = torch.optim.Adam(raw_disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, 0.999))
     start_step = 0
     if state := common.load_checkpoint(cfg, rt):
         raw_model.load_state_dict(state["model"])
-        raw_disc.load_state_dict(state["disc"])
         opt.load_state_dict(state["opt"])
-        opt_d.load_state_dict(state["opt_d"])
+        if adversarial:
+            raw_disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
         start_step = state["step"]
 
-    def features(x):  # the trunk's pooled output on un-masked, un-augmented uint8 images
-        return raw_model.backbone(common.normalize(common.to_float(x)))
+    def features(x):  # the trunk's pooled output on un-masked, un-augmented uint8 images, at the training side
+        return raw_model.backbone(common.normalize(eval_view(x, cfg.image_size)))
 
     shown = next(data.eval_batches("test", 8))[0]  # the first 8 test images, for the PNG grids
 
@@ -347,43 +370,46 @@ def train(cfg: Config) -> dict:
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
-        common.set_lr(opt_d, lr_now * d_lr / lr)  # D follows the same schedule at its own scale
         img = inpainting_view(x, cfg)  # (B, 3, S, S) in [0, 1]
-        hole = random_mask(len(img), cfg.image_size, cfg.mask, device=rt.device)  # (B, 1, S, S), 1 = removed
-        region = predicted_region(hole, cfg.overlap)  # (B, 1, S, S): hole and overlap band
+        region = predicted_region(cfg.mask, len(img), cfg.image_size, device=rt.device)  # (B, 1, S, S): to paint
+        hole = hole_in(region, cfg.overlap)  # (B, 1, S, S): removed from F's input, 1 = removed
         target = img * 2 - 1  # (B, 3, S, S) in [-1, 1], the paper's pixel range
         with rt.autocast():
             pred = model(common.normalize(mask_image(img, hole, fill)))  # (B, 3, S, S): F(masked x)
         pred = pred.float()
+        rec = reconstruction_loss(pred, target, hole, region, cfg.overlap_weight)
+        loss, extra = (1 - cfg.adv_weight) * rec, {}
 
-        # (1) D step: real regions -> 1, predicted regions -> 0; the prediction is detached, F is untouched
-        with rt.autocast():
-            d_real, d_fake = disc(target * region), disc(pred.detach() * region)  # (B,) logits each
-        d_loss = discriminator_loss(d_real, d_fake)
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
+        if adversarial:
+            # (1) D step: real regions -> 1, painted regions -> 0; the prediction is detached, F is untouched
+            common.set_lr(opt_d, lr_now * cfg.lr / lr)  # D follows the same schedule at its own scale
+            with rt.autocast():
+                d_real, d_fake = disc(target * region), disc(pred.detach() * region)  # (B,) logits each
+            d_loss = discriminator_loss(d_real, d_fake)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            # (2) F's adversarial term through the just-updated D; D's gradients from it are discarded by
+            # opt_d.zero_grad() before D's next backward, and opt holds F's parameters only
+            with rt.autocast():
+                adv = adversarial_loss(disc(pred * region))  # (B,) logits -> scalar
+            loss, extra = loss + cfg.adv_weight * adv, dict(adv=adv, d_loss=d_loss)
 
-        # (2) F step: joint loss (paper Eq. 4) through the just-updated D; D's gradients from it are
-        # discarded by opt_d.zero_grad() before D's next backward, and opt holds F's parameters only
-        with rt.autocast():
-            d_fake = disc(pred * region)  # (B,)
-        rec = reconstruction_loss(pred, target, hole, cfg.overlap, cfg.overlap_weight)
-        adv = adversarial_loss(d_fake)
-        loss = cfg.rec_weight * rec + cfg.adv_weight * adv
+        # F step: the L2 loss alone, or the joint loss (paper Sec. 3.2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.step(step, loss=loss, lr=lr_now, rec=rec, adv=adv, d_loss=d_loss)
+        log.step(step, loss=loss, lr=lr_now, rec=rec, **extra)
 
         if (step + 1) % steps_per_epoch == 0 or step + 1 == stop_step:  # end of an epoch, or of the run
             with log.paused():
                 epoch = (step + 1) // steps_per_epoch
                 if cfg.eval_every and epoch % cfg.eval_every == 0 and step + 1 < stop_step:
                     monitor(step + 1, epoch)
+                players = dict(disc=raw_disc.state_dict(), opt_d=opt_d.state_dict()) if adversarial else {}
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                    "model": raw_model.state_dict(), "disc": raw_disc.state_dict(), "opt": opt.state_dict(),
-                    "opt_d": opt_d.state_dict(), "step": step + 1, "config": dataclasses.asdict(cfg)}, rt)
+                    "model": raw_model.state_dict(), "opt": opt.state_dict(), **players, "step": step + 1,
+                    "config": dataclasses.asdict(cfg)}, rt)
 
     metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     pretext = hole_mse(raw_model, data, fill, cfg, rt)

@@ -3,8 +3,8 @@
 One context-encoder step as train() takes it, with both networks wrapped in DDP: D called twice (real
 and detached predicted regions) before its backward, then F's joint loss through D. On W processes
 each holding N / W images, the gradients of D and of F must equal those of one process holding all N
-(random-region masks, so the images' predicted regions differ in size: the per-image normalisation
-of the reconstruction loss is what makes the averages agree). SyncBatchNorm refuses CPU tensors, so
+(random regions, so the images' holes and bands differ in size: the per-image normalisation of the
+reconstruction loss is what makes the averages agree). SyncBatchNorm refuses CPU tensors, so
 both networks run their BatchNorm layers in eval mode: batch statistics do not enter the comparison.
 """
 
@@ -25,18 +25,18 @@ torch.manual_seed(0)  # the same weights, images and masks on every process
 model, disc = inpainting.ContextEncoder("tiny", True, 32).eval(), inpainting.Discriminator(32, 16).eval()
 reference, reference_disc = copy.deepcopy(model), copy.deepcopy(disc)
 N = 8
-img, hole, fill = torch.rand(N, 3, 32, 32), inpainting.random_mask(N, 32, "regions"), torch.tensor([0.5, 0.4, 0.3])
+img, region, fill = torch.rand(N, 3, 32, 32), inpainting.random_regions(N, 32), torch.tensor([0.5, 0.4, 0.3])
 
 
-def gan_step(model, disc, img, hole):
+def gan_step(model, disc, img, region):
     """D's loss and gradients (then cleared), F's joint loss and gradients, as in train()."""
-    region, target = inpainting.predicted_region(hole, 1), img * 2 - 1
+    hole, target = inpainting.hole_in(region, 1), img * 2 - 1
     pred = model(common.normalize(inpainting.mask_image(img, hole, fill)))
     d_loss = inpainting.discriminator_loss(disc(target * region), disc(pred.detach() * region))
     d_loss.backward()
     d_grads = [p.grad.clone() for p in disc.parameters()]
     disc.zero_grad(set_to_none=True)
-    loss = (0.999 * inpainting.reconstruction_loss(pred, target, hole, 1, 10.0) +
+    loss = (0.999 * inpainting.reconstruction_loss(pred, target, hole, region, 10.0) +
             0.001 * inpainting.adversarial_loss(disc(pred * region)))
     loss.backward()
     return d_grads
@@ -44,8 +44,8 @@ def gan_step(model, disc, img, hole):
 
 mine = slice(rank * N // world, (rank + 1) * N // world)
 ddp, ddp_disc = torch.nn.parallel.DistributedDataParallel(model), torch.nn.parallel.DistributedDataParallel(disc)
-d_grads = gan_step(ddp, ddp_disc, img[mine], hole[mine])
-d_grads_ref = gan_step(reference, reference_disc, img, hole)
+d_grads = gan_step(ddp, ddp_disc, img[mine], region[mine])
+d_grads_ref = gan_step(reference, reference_disc, img, region)
 
 worst = 0.0
 for g, g_ref in zip(d_grads, d_grads_ref):

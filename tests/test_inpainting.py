@@ -1,5 +1,6 @@
-"""inpainting.py: masks, losses against hand computation, the alternating D / F steps, the model's
-pieces, and the training loop's contract on CPU."""
+"""inpainting.py: the two recipes' defaults, masks and the hole-in-region geometry of the official code,
+losses against hand computation, the lr rule, the alternating D / F steps (only with the adversarial
+loss), the model's pieces, and the training loop's contract on CPU in both recipes."""
 
 import json
 import math
@@ -7,6 +8,8 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -16,84 +19,158 @@ import common
 import inpainting
 
 SMALL_D = dict(d_width=16)  # a narrower discriminator than DCGAN's 64 keeps the CPU runs short
+JOINT = dict(mask="center", adv_weight=0.001, **SMALL_D)  # the inpainting recipe: central hole, L2 + adversarial
+
+
+def test_defaults_are_the_feature_recipe():
+    """Paper Sec. 3.3: random regions for every feature experiment; Sec. 5.2 and the official README: the
+    features come from the reconstruction loss alone. The inpainting recipe stays a flag away."""
+    cfg = inpainting.Config()
+    assert cfg.mask == "regions" and cfg.adv_weight == 0
+    assert {"center", "regions"} == set(inpainting.MASKS)
+    joint = inpainting.Config(**JOINT)
+    assert joint.mask == "center" and joint.adv_weight == 0.001
+
 
 # ------------------------------------------------------------------------------------------ masks
 
 
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("kind", inpainting.MASKS)
-def test_masks_remove_exactly_a_quarter(kind, size):
+def test_predicted_regions_cover_exactly_a_quarter(kind, size):
     torch.manual_seed(0)
-    m = inpainting.random_mask(16, size, kind)
+    m = inpainting.predicted_region(kind, 16, size)
     assert m.shape == (16, 1, size, size) and set(m.unique().tolist()) <= {0.0, 1.0}
     assert (m.sum((1, 2, 3)) == size * size // 4).all()  # the stated area, exactly, in every image
     if kind == "center":
         q = size // 4
         assert m[:, :, q:size - q, q:size - q].all()  # the central (size/2)^2 square and nothing else
     else:
-        assert len({tuple(r.flatten().tolist()) for r in m}) == 16  # every image draws its own mask
-    if kind == "blocks":  # unions of whole (size/4)^2 cells: every row and column crosses whole cells
-        cell = size // 4
-        assert (m.sum(3) % cell == 0).all() and (m.sum(2) % cell == 0).all()
-    if kind == "regions":  # blobs, not scattered pixels: few 4-neighbours differ (scattered: 2 * 0.25 * 0.75)
+        assert len({tuple(r.flatten().tolist()) for r in m}) == 16  # every image draws its own region
+        # blobs, not scattered pixels: few 4-neighbours differ (scattered: 2 * 0.25 * 0.75)
         changes = ((m[..., 1:, :] != m[..., :-1, :]).float().mean() + (m[..., 1:] != m[..., :-1]).float().mean()) / 2
         assert changes < 0.15, changes
 
 
-def test_masks_repeat_with_a_seeded_generator():
-    a = inpainting.random_mask(4, 32, "regions", generator=torch.Generator().manual_seed(3))
-    b = inpainting.random_mask(4, 32, "regions", generator=torch.Generator().manual_seed(3))
+def test_random_regions_repeat_with_a_seeded_generator():
+    a = inpainting.random_regions(4, 32, generator=torch.Generator().manual_seed(3))
+    b = inpainting.random_regions(4, 32, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_hole_is_the_central_region_less_the_overlap_band_as_train_lua():
+    """train.lua at fineSize 128, overlapPred 4: it predicts the central 64 px (rows 1 + 32 .. 64 + 32,
+    1-based) and fills rows 1 + 32 + 4 .. 64 + 32 - 4 with the mean: a 56 px hole; scaled to 32 px, 14 of 16."""
+    for size, overlap, lo, side in [(128, 4, 36, 56), (32, 1, 9, 14)]:
+        region = inpainting.central_region(1, size)
+        hole = inpainting.hole_in(region, overlap)
+        expected = torch.zeros(1, 1, size, size)
+        expected[..., lo:lo + side, lo:lo + side] = 1
+        assert torch.equal(hole, expected)
+        assert region.sum() == (size // 2) ** 2 and (hole <= region).all()
+    assert torch.equal(inpainting.hole_in(region, 0), region)  # no band: the hole is the region
+
+
+@pytest.mark.parametrize("overlap", [1, 2])
+def test_hole_in_random_regions_keeps_a_band_of_overlap_px(overlap):
+    """Every hole pixel's (2o+1)^2 neighbourhood lies in the region (pixels beyond the image's edge count as
+    region); every band pixel has context within o px."""
+    torch.manual_seed(0)
+    region = inpainting.random_regions(8, 32)
+    hole = inpainting.hole_in(region, overlap)
+    k = 2 * overlap + 1
+    context_near = F.max_pool2d(1 - region, k, stride=1, padding=overlap)  # 1 where context lies within o px
+    assert torch.equal(hole, region * (1 - context_near))
+    assert 0 < hole.sum() < region.sum()
 
 
 def test_masked_input_has_the_fill_colour_in_the_hole_only():
     img, fill = torch.rand(2, 3, 32, 32), torch.tensor([0.1, 0.2, 0.3])
-    hole = inpainting.random_mask(2, 32, "blocks")
+    hole = inpainting.hole_in(inpainting.random_regions(2, 32), 1)
     out = inpainting.mask_image(img, hole, fill)
     assert torch.equal(out * (1 - hole), img * (1 - hole))
     assert torch.equal(out * hole, fill.view(1, 3, 1, 1) * hole)
+
+
+def test_training_step_removes_the_hole_and_weighs_the_region_as_train_lua(tmp_path, monkeypatch):
+    """Inside train(), central mask at 32 px, 1 px overlap: F's input lacks the central 14 px only (the band
+    around it shows the image), and the loss weighs squared errors 1 in those 14 px and 10 in the band of
+    the 16 px region, divided by 3 * 16^2 per image (train.lua: MSE over the 64 px patch)."""
+    inputs, losses = [], []
+
+    class RecordedF(inpainting.ContextEncoder):
+        def forward(self, x):
+            if self.training:
+                inputs.append(x.detach().clone())
+            return super().forward(x)
+
+    real_loss = inpainting.reconstruction_loss
+
+    def recorded_loss(pred, target, *args):
+        out = real_loss(pred, target, *args)
+        losses.append((pred.detach().clone(), target.clone(), out.detach()))
+        return out
+
+    monkeypatch.setattr(inpainting, "ContextEncoder", RecordedF)
+    monkeypatch.setattr(inpainting, "reconstruction_loss", recorded_loss)
+    inpainting.train(tiny(inpainting.Config, tmp_path, mask="center", adv_weight=0.0, max_steps=1, probe_epochs=0))
+    (x,), ((pred, target, loss),) = inputs, losses
+    img = common.normalize((target + 1) / 2)  # the un-masked view F's input was made from, standardized
+    hole = torch.zeros(1, 1, 32, 32)
+    hole[..., 9:23, 9:23] = 1
+    torch.testing.assert_close(x * (1 - hole), img * (1 - hole))  # all but the 14 px hole is the image
+    inside = x[..., 9:23, 9:23].flatten(2)  # (B, 3, 196): one colour, the fill
+    assert torch.equal(inside, inside[..., :1].expand_as(inside)) and not torch.allclose(inside, img[..., 9:23, 9:23].flatten(2))
+    region = torch.zeros(1, 1, 32, 32)
+    region[..., 8:24, 8:24] = 1
+    err = (pred - target).square()
+    expected = ((err * hole).sum((1, 2, 3)) + 10 * (err * (region - hole)).sum((1, 2, 3))) / (3 * 16 * 16)
+    assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- loss
 
 
 def test_reconstruction_loss_hand_computed():
-    hole = inpainting.random_mask(1, 8, "center")  # rows/cols 2..5; with a 1 px band the region is 1..6: 36 px
+    region = inpainting.central_region(1, 8)  # rows/cols 2..5: 16 px; with a 1 px band the hole is 3..4: 4 px
+    hole = inpainting.hole_in(region, 1)
+    assert hole.sum() == 4
     target = torch.zeros(1, 3, 8, 8)
     pred = target.clone()
-    pred[:, :, 2:6, 2:6] = 0.5  # error 0.5 on all 16 hole pixels, 3 channels
-    pred[0, 0, 1, 1] = 0.2  # one band pixel, one channel: weight 10
-    pred[0, 1, 0, 0] = 9.0  # context outside the band: weight 0
-    expected = (16 * 3 * 0.25 + 10 * 0.2**2) / (3 * 36)
-    assert inpainting.reconstruction_loss(pred, target, hole, 1, 10.0).item() == pytest.approx(expected, rel=1e-6)
-    assert inpainting.reconstruction_loss(pred, target, hole, 0, 10.0).item() == pytest.approx(0.25, rel=1e-6)
+    pred[:, :, 3:5, 3:5] = 0.5  # error 0.5 on the 4 hole pixels, 3 channels
+    pred[0, 0, 2, 2] = 0.2  # one band pixel, one channel: weight 10
+    pred[0, 1, 0, 0] = 9.0  # context outside the region: weight 0
+    expected = (4 * 3 * 0.25 + 10 * 0.2**2) / (3 * 16)
+    assert inpainting.reconstruction_loss(pred, target, hole, region, 10.0).item() == pytest.approx(expected, rel=1e-6)
+    assert inpainting.reconstruction_loss(pred, target, region, region, 10.0).item() == pytest.approx(
+        (4 * 3 * 0.25 + 0.2**2) / (3 * 16), rel=1e-6)  # no band: every region pixel weighs 1
 
 
 @pytest.mark.parametrize("kind", inpainting.MASKS)
-def test_reconstruction_loss_sees_the_hole_and_band_only(kind):
+def test_reconstruction_loss_sees_the_region_only(kind):
     torch.manual_seed(0)
-    hole = inpainting.random_mask(4, 32, kind)
-    region = inpainting.predicted_region(hole, 1)
+    region = inpainting.predicted_region(kind, 4, 32)
+    hole = inpainting.hole_in(region, 1)
     target = torch.rand(4, 3, 32, 32) * 2 - 1
-    outside = 100 * torch.randn(4, 3, 32, 32) * (1 - region)  # anything at all outside hole and band
-    loss = lambda p: inpainting.reconstruction_loss(p, target, hole, 1, 10.0)  # noqa: E731
-    assert loss(target + outside).item() == 0  # prediction = target inside the mask and its band: zero
-    assert inpainting.reconstruction_loss(target + 100 * (1 - hole), target, hole, 0, 10.0).item() == 0  # no band
+    outside = 100 * torch.randn(4, 3, 32, 32) * (1 - region)  # anything at all outside the region
+    loss = lambda p: inpainting.reconstruction_loss(p, target, hole, region, 10.0)  # noqa: E731
+    assert loss(target + outside).item() == 0  # prediction = target inside the region: zero
     noisy = target + 0.3 * torch.randn_like(target)
     assert loss(noisy).item() > 0 and loss(noisy * region + outside).item() == loss(noisy).item()
     # per-image normalisation: the batch loss is the mean of the images' losses (same at any process count)
-    each = [inpainting.reconstruction_loss(noisy[i:i + 1], target[i:i + 1], hole[i:i + 1], 1, 10.0) for i in range(4)]
+    each = [inpainting.reconstruction_loss(noisy[i:i + 1], target[i:i + 1], hole[i:i + 1], region[i:i + 1], 10.0)
+            for i in range(4)]
     torch.testing.assert_close(loss(noisy), torch.stack(each).mean())
 
 
 def test_band_weighs_ten_times_the_hole():
-    hole = inpainting.random_mask(1, 32, "center")
-    region = inpainting.predicted_region(hole, 2)
+    region = inpainting.central_region(1, 32)
+    hole = inpainting.hole_in(region, 2)
     band = region - hole
-    assert band.sum() == 20**2 - 16**2  # a 2 px band around the 16 px hole
+    assert band.sum() == 16**2 - 12**2  # a 2 px band inside the 16 px region
     target = torch.zeros(1, 3, 32, 32)
-    in_band = inpainting.reconstruction_loss(target + band, target, hole, 2, 10.0)  # error 1 on every band pixel
-    in_hole = inpainting.reconstruction_loss(target + hole, target, hole, 2, 10.0)  # error 1 on every hole pixel
+    in_band = inpainting.reconstruction_loss(target + band, target, hole, region, 10.0)  # error 1 on the band
+    in_hole = inpainting.reconstruction_loss(target + hole, target, hole, region, 10.0)  # error 1 in the hole
     assert in_band.item() == pytest.approx(10 * in_hole.item() * band.sum().item() / hole.sum().item(), rel=1e-6)
 
 
@@ -136,15 +213,24 @@ def test_decoder_paints_the_whole_image_from_the_evaluated_trunk(arch, size):
     assert inpainting.Discriminator(size, 8)(pred).shape == (2,)
 
 
+@pytest.mark.parametrize("arch,size,widths", [("tiny", 32, [64, 32, 16, 16]), ("resnet18", 32, [256, 128, 64, 32]),
+                                              ("resnet50", 224, [512, 256, 128, 64, 32, 16])])
+def test_decoder_widths_halve_from_half_the_trunk_width(arch, size, widths):
+    """The 1x1 conv's width, then each up-convolution's: one up-convolution per halving of the side in the trunk."""
+    model = inpainting.ContextEncoder(arch, size <= 64, size)
+    convs = [m for m in model.decoder if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert [m.out_channels for m in convs[:-1]] == widths and convs[-1].out_channels == 3
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in convs) == len(widths) - 1
+
+
 # -------------------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """One assert_smoke_run (2 epochs of 8 steps, kNN monitor after the first), with a hook on every
-    optimizer step that notes whose optimizer stepped (D's, F's or another, e.g. the linear probe's)
-    and snapshots the parameters of both networks after it. -> (cfg, results, events)."""
-    nets, events = {}, []  # events: (None for the start | "D" | "F", {"D": [params], "F": [params]})
+def run_recorded(tmp_path, **overrides):
+    """One assert_smoke_run (2 epochs of 8 steps, kNN monitor after each), with a hook on every optimizer
+    step that notes whose optimizer stepped (D's, F's or another, e.g. the linear evaluation's), its lr,
+    and the parameters of both networks after it. -> (cfg, results, events, nets)."""
+    nets, events = {}, []  # events: (None for the start | "D" | "F", lr, {"D": [params], "F": [params]})
 
     class RecordedF(inpainting.ContextEncoder):
         def __init__(self, *args):
@@ -165,63 +251,125 @@ def smoke(tmp_path_factory):
 
     def pre(opt, args, kwargs):
         if not events and owner(opt) != "other":
-            events.append((None, snap()))
+            events.append((None, None, snap()))
 
     def post(opt, args, kwargs):
         if owner(opt) != "other":
-            events.append((owner(opt), snap()))
+            events.append((owner(opt), opt.param_groups[0]["lr"], snap()))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inpainting, "ContextEncoder", RecordedF)
         mp.setattr(inpainting, "Discriminator", RecordedD)
         handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]  # every optimizer
         try:
-            cfg, results = assert_smoke_run(inpainting, tmp_path_factory.mktemp("smoke"),
-                                           extra_keys=("hole_mse", "hole_mse_mean_fill"), **SMALL_D)
+            cfg, results = assert_smoke_run(inpainting, tmp_path, extra_keys=("hole_mse", "hole_mse_mean_fill"),
+                                            **overrides)
         finally:
             for h in handles:
                 h.remove()
-    return cfg, results, events
+    return cfg, results, events, nets
 
 
-def test_each_optimizer_step_moves_only_its_own_network(smoke):
+@pytest.fixture(scope="module")
+def smoke_features(tmp_path_factory):
+    return run_recorded(tmp_path_factory.mktemp("features"), **SMALL_D)
+
+
+@pytest.fixture(scope="module")
+def smoke_joint(tmp_path_factory):
+    return run_recorded(tmp_path_factory.mktemp("joint"), **JOINT)
+
+
+def test_default_run_builds_and_steps_no_discriminator(smoke_features):
+    """L2 alone: no D is built, only F's optimizer steps (no wasted compute), every step moves all of F."""
+    _, results, events, nets = smoke_features
+    assert "D" not in nets
+    assert [who for who, _, _ in events] == [None] + ["F"] * results["steps"]
+    for (_, _, before), (_, _, after) in zip(events, events[1:]):
+        assert all(not torch.equal(a, b) for a, b in zip(before["F"], after["F"])), "F's step missed parameters"
+
+
+def test_joint_run_steps_d_then_f_each_moving_only_its_own_network(smoke_joint):
     """Inside train(): between consecutive optimizer steps, D's step changes every parameter of D and
     none of F (encoder + decoder), and F's step every parameter of F and none of D."""
-    _, results, events = smoke
-    assert [who for who, _ in events] == [None] + ["D", "F"] * results["steps"]  # D first, then F, every step
-    for (_, before), (who, after) in zip(events, events[1:]):
+    _, results, events, _ = smoke_joint
+    assert [who for who, _, _ in events] == [None] + ["D", "F"] * results["steps"]  # D first, then F, every step
+    for (_, _, before), (who, _, after) in zip(events, events[1:]):
         other = "F" if who == "D" else "D"
         assert all(not torch.equal(a, b) for a, b in zip(before[who], after[who])), f"{who}'s step missed parameters"
         assert all(torch.equal(a, b) for a, b in zip(before[other], after[other])), f"{who}'s step moved {other}"
 
 
-def test_smoke_run_writes_log_ckpt_results_and_pictures(smoke):
-    cfg, results, _ = smoke
+def test_f_lr_is_ten_times_d_lr_under_the_joint_loss_only(smoke_features, smoke_joint, tmp_path):
+    """train.lua: the generator's Adam lr is 10x the base lr (D's) when 0 < wtl2 < 1, i.e. under the joint
+    loss; otherwise it is the base lr. The base lr is DCGAN's 2e-4; both follow the same schedule."""
+    assert inpainting.Config().lr == 2e-4
+    f_lrs = [lr for who, lr, _ in smoke_features[2] if who == "F"]
+    assert f_lrs[0] == pytest.approx(2e-4)  # L2 alone: F at the base lr
+    joint = smoke_joint[2][1:]
+    d_lrs, f_lrs = [lr for who, lr, _ in joint if who == "D"], [lr for who, lr, _ in joint if who == "F"]
+    assert d_lrs[0] == pytest.approx(2e-4) and f_lrs[0] == pytest.approx(2e-3)
+    assert all(f == pytest.approx(10 * d) for f, d in zip(f_lrs, d_lrs))  # the same cosine schedule, 10x apart
+    assert f_lrs[-1] < f_lrs[0]
+    _, _, events, _ = run_recorded(tmp_path, adv_weight=1.0, **SMALL_D)  # the adversarial loss alone: 1x, as train.lua
+    assert [lr for who, lr, _ in events[1:3]] == pytest.approx([2e-4, 2e-4])
+
+
+@pytest.mark.parametrize("recipe", ["features", "joint"])
+def test_smoke_run_writes_log_ckpt_results_and_pictures(recipe, smoke_features, smoke_joint):
+    cfg, results, _, _ = smoke_features if recipe == "features" else smoke_joint
     assert results["steps"] == 16 and 0 < results["hole_mse"] and 0 < results["hole_mse_mean_fill"] < 1
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
-    assert all({"rec", "adv", "d_loss"} <= set(r) for r in log if "loss" in r)  # both players logged
-    assert {"model", "disc", "opt", "opt_d"} <= set(load_ckpt(cfg))
+    steps = [r for r in log if "loss" in r]
+    ckpt = set(load_ckpt(cfg))
+    if recipe == "joint":  # both players logged and saved
+        assert all({"rec", "adv", "d_loss"} <= set(r) for r in steps) and {"model", "disc", "opt", "opt_d"} <= ckpt
+    else:
+        assert all("rec" in r and not {"adv", "d_loss"} & set(r) for r in steps)
+        assert {"model", "opt"} <= ckpt and not {"disc", "opt_d"} & ckpt
     x_test = common.make_synthetic(2_000, 32, seed=1)[0]
+    hole = inpainting.eval_masks(8, cfg, torch.Generator().manual_seed(cfg.seed))[1][0, 0].bool()  # image 0's hole
     for name in ("inpainting_epoch0001.png", "inpainting.png"):  # at the kNN monitor and at the end
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
         assert png.shape == (3, 3 * 34 + 2, 8 * 34 + 2)  # 3 rows (masked, prediction, truth) x 8 images, 2 px padding
         masked, truth = png[:, 2:34, 2:34], png[:, 2 + 68:34 + 68, 2:34]  # first column: test image 0
         assert torch.equal(truth, x_test[0])
-        assert masked[:, 8:24, 8:24].flatten(1).unique(dim=1).shape[1] == 1  # the hole is one colour (the mean)
-        assert torch.equal(masked[:, :8], truth[:, :8])  # the context is the image
+        assert masked[:, hole].unique(dim=1).shape[1] == 1  # the hole is one colour (the mean)
+        assert torch.equal(masked[:, ~hole], truth[:, ~hole])  # the rest is the image
 
 
-def test_resume_is_exact_with_discriminator_and_random_masks(tmp_path):
-    assert_resumes_exactly(inpainting, tmp_path, mask="regions", **SMALL_D)
-    assert {"disc", "opt_d"} <= set(load_ckpt(tiny(inpainting.Config, tmp_path / "b")))
+def test_features_see_the_images_at_the_training_side(tmp_path, monkeypatch):
+    """features(x) takes uint8 images at the dataset's side (here 32 px) and resizes them to image_size (64),
+    the scale the trunk was trained at, as rotnet.py and context_pred.py do."""
+    seen = []
+    real_evaluate = common.evaluate
+
+    def evaluate(model, features, *args, **kwargs):
+        seen.append((model, features))
+        return real_evaluate(model, features, *args, **kwargs)
+
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    inpainting.train(tiny(inpainting.Config, tmp_path, image_size=64, subset=64, max_steps=1, probe_epochs=0))
+    (model, features), = seen
+    x = common.make_synthetic(4, 32, seed=5)[0]  # (4, 3, 32, 32) uint8
+    at_64 = F.interpolate(x.float() / 255, size=(64, 64), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        torch.testing.assert_close(features(x), model.backbone(common.normalize(at_64)))
+
+
+def test_resume_is_exact_in_both_recipes(tmp_path):
+    assert_resumes_exactly(inpainting, tmp_path / "features", **SMALL_D)
+    assert not {"disc", "opt_d"} & set(load_ckpt(tiny(inpainting.Config, tmp_path / "features" / "b")))
+    assert_resumes_exactly(inpainting, tmp_path / "joint", **JOINT)
+    assert {"disc", "opt_d"} <= set(load_ckpt(tiny(inpainting.Config, tmp_path / "joint" / "b")))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(inpainting, "reconstruction_loss", monkeypatch, tmp_path, **SMALL_D)
 
 
-@pytest.mark.parametrize("key,value", [("mask", "ring"), ("image_size", 48), ("overlap", 8), ("adv_weight", -1.0),
-                                       ("beta1", 1.0)])
+@pytest.mark.parametrize("key,value", [("mask", "blocks"), ("image_size", 48), ("overlap", 8), ("adv_weight", -1.0),
+                                       ("adv_weight", 1.5), ("beta1", 1.0), ("lr", 0.0)])
 def test_config_refuses_impossible_values(key, value):
     with pytest.raises(ValueError, match=f"--{key}"):
         inpainting.Config(**{key: value})
