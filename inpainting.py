@@ -8,7 +8,7 @@ and decoder are joined by a channel-wise fully-connected layer (Sec. 3.1), so th
 pixel can depend on the whole image. To fill the hole well the encoder must understand what the
 image shows; its features are the representation. F paints a region slightly larger than the hole:
 squared errors in the band where it overlaps the visible context weigh 10 times as much (Sec. 4).
-Two recipes, a flag apart:
+Two recipes:
   features (the default): random-region holes and the L2 loss alone. A central hole teaches features
       that latch onto the hole's boundary (Sec. 3.3), so the paper's feature experiments use random
       regions, trained with the reconstruction loss only (Sec. 5.2; official README: the released
@@ -39,16 +39,16 @@ Departures from the sources (P: the paper, arXiv v2; C: the official Torch code,
 | encoder to decoder | channel-wise FC, then a conv (P Sec. 3.1) | none (C train.lua) | as P (a 1x1 conv) |
 | decoder | 5 up-convolutions (P Sec. 3.1) | 5 up-convs to the 64 px region (C train.lua) | 3 at 32 px, whole image |
 | image, region | - | 128 px, central 64 px (C train.lua) | 32 px, central 16 px |
-| random regions | VOC masks, <= 1/4 (P Sec. 3.3) | noise, 20-30%, per batch (C train_random.lua) | 1/4, per image |
-| random blocks | features as random regions' (P Sec. 3.3) | - | not offered |
+| random regions | VOC shapes, <= 1/4 (P Sec. 3.3) | noise, 20-30%, batch-wide (C train_random.lua) | 1/4, per image |
+| random blocks | features as good as regions' (P Sec. 3.3) | - | not offered |
 | hole in region | 7 px overlap (P Sec. 4) | hole 56 of 64 px (C README: overlapPred=4) | hole 14 of 16 px |
 | L2 over | the dropped region (P Sec. 3.2) | region; whole image (C train_random.lua) | region, band 10x (as C) |
 | loss | L2 alone for features (P Sec. 5.2) | 0.999 L2 + 0.001 adversarial (C README) | as P; as C: a flag |
-| lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C: F 2e-4 with L2 |
+| lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C (L2 alone: F 2e-4) |
 | D's input | not the context (P Sec. 3.2) | region; whole image (C train_random.lua) | image times region |
 | fill colour | constant mean value (P Sec. 4) | (117, 104, 123) / 255 (C train.lua) | training set's mean |
 | crop, input | - | 128 px of 350 px, flip, [-1, 1] (C donkey_folder.lua) | 50-100% area, flip, standardized |
-| schedule, init | - | constant lr, 500 epochs; N(0, 0.02) (C README, train.lua) | cosine to 0, 500; torch's |
+| schedule, init | - | constant lr, 500 epochs; N(0, 0.02) (C README, train.lua) | cosine to 0; PyTorch's init |
 | evaluation | fine-tuned on PASCAL VOC (P Sec. 5.2) | - | frozen trunk (common.evaluate) |
 """
 
@@ -278,10 +278,9 @@ def dataset_mean(data):
     return sum(c.float().sum((0, 2, 3)) for c in x.split(4096)) / (x.numel() / 3) / 255
 
 
-def eval_masks(n, cfg, generator):
-    """(region, hole) of n test images, both (n,1,S,S) on the CPU, drawn from `generator`."""
-    region = predicted_region(cfg.mask, n, cfg.image_size, generator=generator)
-    return region, hole_in(region, cfg.overlap)
+def eval_hole(n, cfg, generator):
+    """(n,1,S,S) holes of n test images on the CPU, their regions drawn from `generator`."""
+    return hole_in(predicted_region(cfg.mask, n, cfg.image_size, generator=generator), cfg.overlap)
 
 
 @torch.no_grad()
@@ -296,7 +295,7 @@ def hole_mse(raw_model, data, fill, cfg, rt):
     sums = torch.zeros(3, device=rt.device)  # squared errors of prediction and mean fill, hole values
     for x, _ in data.eval_batches("test", 512):
         img = eval_view(x, cfg.image_size)  # (b,3,S,S)
-        hole = eval_masks(len(img), cfg, g)[1].to(rt.device)  # (b,1,S,S)
+        hole = eval_hole(len(img), cfg, g).to(rt.device)  # (b,1,S,S)
         with rt.autocast():
             pred = raw_model(common.normalize(mask_image(img, hole, fill)))
         pred = (pred.float() + 1) / 2  # [-1,1] -> [0,1]
@@ -314,7 +313,7 @@ def save_inpaintings(raw_model, x, fill, cfg, rt, name):
         return
     raw_model.eval()
     img = eval_view(x, cfg.image_size)
-    hole = eval_masks(len(img), cfg, torch.Generator().manual_seed(cfg.seed))[1].to(img.device)  # the same each time
+    hole = eval_hole(len(img), cfg, torch.Generator().manual_seed(cfg.seed)).to(img.device)  # the same each time
     masked = mask_image(img, hole, fill)
     pred = (raw_model(common.normalize(masked)).float() + 1) / 2
     common.save_image_grid([masked, torch.where(hole.bool(), pred, img), img], os.path.join(cfg.out_dir, name))

@@ -119,8 +119,9 @@ def test_training_step_removes_the_hole_and_weighs_the_region_as_train_lua(tmp_p
     hole = torch.zeros(1, 1, 32, 32)
     hole[..., 9:23, 9:23] = 1
     torch.testing.assert_close(x * (1 - hole), img * (1 - hole))  # all but the 14 px hole is the image
-    inside = x[..., 9:23, 9:23].flatten(2)  # (B, 3, 196): one colour, the fill
-    assert torch.equal(inside, inside[..., :1].expand_as(inside)) and not torch.allclose(inside, img[..., 9:23, 9:23].flatten(2))
+    inside = x[..., 9:23, 9:23].flatten(2)  # (B, 3, 196): one colour, the fill, not the image
+    assert torch.equal(inside, inside[..., :1].expand_as(inside))
+    assert not torch.allclose(inside, img[..., 9:23, 9:23].flatten(2))
     region = torch.zeros(1, 1, 32, 32)
     region[..., 8:24, 8:24] = 1
     err = (pred - target).square()
@@ -328,7 +329,7 @@ def test_smoke_run_writes_log_ckpt_results_and_pictures(recipe, smoke_features, 
         assert all("rec" in r and not {"adv", "d_loss"} & set(r) for r in steps)
         assert {"model", "opt"} <= ckpt and not {"disc", "opt_d"} & ckpt
     x_test = common.make_synthetic(2_000, 32, seed=1)[0]
-    hole = inpainting.eval_masks(8, cfg, torch.Generator().manual_seed(cfg.seed))[1][0, 0].bool()  # image 0's hole
+    hole = inpainting.eval_hole(8, cfg, torch.Generator().manual_seed(cfg.seed))[0, 0].bool()  # image 0's hole
     for name in ("inpainting_epoch0001.png", "inpainting.png"):  # at the kNN monitor and at the end
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
         assert png.shape == (3, 3 * 34 + 2, 8 * 34 + 2)  # 3 rows (masked, prediction, truth) x 8 images, 2 px padding
