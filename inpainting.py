@@ -46,6 +46,7 @@ Departures from the sources (P: the paper, arXiv v2; C: the official Torch code,
 | loss | L2 alone for features (P Sec. 5.2) | 0.999 L2 + 0.001 adversarial (C README) | as P; as C: a flag |
 | lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C (L2 alone: F 2e-4) |
 | D's input | not the context (P Sec. 3.2) | region; whole image (C train_random.lua) | image times region |
+| F's adversarial grad | - | through D's forward before its step (C train.lua) | through the updated D |
 | fill colour | constant mean value (P Sec. 4) | (117, 104, 123) / 255 (C train.lua) | training set's mean |
 | crop, input | - | 128 px of 350 px, flip, [-1, 1] (C donkey_folder.lua) | 50-100% area, flip, standardized |
 | schedule, init | - | constant lr, 500 epochs; N(0, 0.02) (C README, train.lua) | cosine to 0; PyTorch's init |
