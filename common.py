@@ -829,3 +829,45 @@ def lab_to_rgb(lab, clamp=True):
     lin = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(lab.new_tensor(_RGB_TO_XYZ)), xyz)
     rgb = torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
     return rgb.clamp(0, 1) if clamp else rgb
+
+# colour prediction (colorization.py, splitbrain.py; Zhang et al. 2016, 2017): ab bins, annealed mean, pixel classifier
+
+def ab_bins(grid=10.0, L_step=0.1):
+    """(Q, 2) centres of the ab cells (side `grid`) that are sRGB colours for some L in [0, 100]: 229 for grid 10.
+    Zhang et al. keep 313 bins they call in-gamut (official resources/pts_in_hull.npy), counted another way."""
+    side = torch.arange(-120 // grid, 120 // grid + 1) * grid  # |a|, |b| < 120 for every sRGB colour
+    ab, L = torch.cartesian_prod(side, side), torch.arange(0, 100 + L_step / 2, L_step)  # (G, 2), (nL,)
+    lab = torch.cat([L.view(-1, 1, 1).expand(-1, len(ab), 1), ab.expand(len(L), -1, -1)], 2)  # (nL, G, 3)
+    rgb = lab_to_rgb(lab.permute(2, 0, 1)[None], clamp=False)[0]  # (3, nL, G), unclamped
+    return ab[((rgb >= 0) & (rgb <= 1)).all(0).any(0)]  # the cells that some L makes displayable
+
+def bin_distances(ab, bins):
+    """ab (B,2,h,w), bins (Q,2) -> (B*h*w, Q) squared distances, pixels in (B, h, w) order."""
+    p = ab.permute(0, 2, 3, 1).reshape(-1, 2).float()  # (P, 2)
+    return ((p**2).sum(1, keepdim=True) - 2 * p @ bins.T + (bins**2).sum(1)).clamp(min=0)
+
+def annealed_mean(logits, centres, temperature):
+    """logits (B,Q,h,w), bin centres (Q,C) -> (B,C,h,w): the mean of softmax(logits / T), i.e. of p^(1/T)
+    re-normalized: T = 1 is the mean, T -> 0 the mode (Zhang et al. 2016 Sec. 2.3: T = 0.38)."""
+    return torch.einsum("bqhw,qc->bchw", torch.softmax(logits.float() / temperature, dim=1), centres)
+
+class PixelClassifier(nn.Module):
+    """(B,C,H,W) -> logits (B, n_bins, H/4, W/4). backbone: resnet(arch), its first conv reading C channels;
+    backbone(x) (B, width) is the representation. Head: 3x3 conv, BN, ReLU on its last map, upsampling, 1x1 conv."""
+    stride = 4  # the logits' grid is 1/4 of the image side, as the colorization net's (56 x 56 at 224 px)
+
+    def __init__(self, arch, small_images, in_channels, n_bins):
+        super().__init__()
+        self.backbone, width = resnet(arch, small_images)
+        name, c = next((n, m) for n, m in self.backbone.named_modules() if isinstance(m, nn.Conv2d))  # the first conv
+        setattr(self.backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2],
+                nn.Conv2d(in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=c.bias is not None))
+        self.mix = nn.Sequential(nn.Conv2d(width, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2),
+                                 nn.ReLU(inplace=True))
+        self.classify = nn.Conv2d(width // 2, n_bins, 1)
+
+    def forward(self, x):  # the trunk without its pooling and flatten/fc: 1/8 of the side (CIFAR stem), else 1/32
+        h = self.mix(nn.Sequential(*list(self.backbone.children())[:-2])(x))  # (B, width/2, H/8, W/8)
+        h = F.interpolate(h, size=(x.shape[2] // self.stride, x.shape[3] // self.stride), mode="bilinear",
+                          align_corners=False)  # (B, width/2, H/4, W/4)
+        return self.classify(h)  # (B, n_bins, H/4, W/4)
