@@ -2,36 +2,49 @@
 
 Zhang, Isola, Efros. ECCV 2016. arXiv:1603.08511.
 
-The network sees only the lightness L of a CIE Lab image and predicts, at every pixel, a
-distribution over the quantized ab colour plane (paper Sec. 2.1): colour prediction is
-multimodal (a shirt may be red or blue), so it is a classification over ab bins, not a
-regression. The target of a pixel is its true ab soft-encoded over the 5 nearest bins (Gaussian,
-sigma 5); each pixel's cross-entropy is weighted by the rarity of its colour (class rebalancing,
-Eq. 3-4), so that the rare saturated colours are not drowned by the grey-brown majority. To paint
-an image, the distribution is decoded by its annealed mean (temperature 0.38, Sec. 2.3). Solving
-the task requires knowing what is in the image, so the trunk learns a representation.
+The network sees only the lightness L of a CIE Lab image and predicts, at every pixel of a coarse grid,
+a distribution over the quantized ab colour plane (paper Sec. 2.1): colour is multimodal (a shirt may be
+red or blue), so it is a classification over ab bins, not a regression. A pixel's target is its true ab
+soft-encoded over the nearest bins; its cross-entropy is weighted by the rarity of its colour (class
+rebalancing, Eq. 3-4), so that rare saturated colours are not drowned by the grey-brown majority, and
+images without colour weigh nothing. The annealed mean of the distribution paints the image (Sec. 2.3).
+Solving the task requires knowing what is in the image, so the trunk learns a representation.
 
     python colorization.py                                       # 1 GPU: CIFAR-10, the recipe below
     torchrun --standalone --nproc_per_node=8 colorization.py     # 8 GPUs, same global batch of 256
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 colorization.py
     python colorization.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
-Colour bins: a grid of 10 in ab (centres at multiples of 10); a bin is kept if its centre is an sRGB
-colour for some L in [0, 100] (tested in steps of 0.1): 229 bins (261 cells hold some sRGB colour;
-the paper keeps 313 bins, found on ImageNet).
-Network: common.resnet's trunk with its first convolution reading 1 channel (L). With the CIFAR
-stem its last feature map is 1/8 of the image; a 3x3 convolution, bilinear upsampling to 1/4 (8 x 8
-at 32 px) and a 1x1 convolution predict the bins there, as the paper predicts at 1/4 resolution.
-The true ab is average-pooled to that grid (the paper subsamples it); the PNGs upsample the decoded ab.
-Defaults: the paper has no CIFAR recipe. Its optimizer is kept (Adam, betas 0.9/0.99, weight decay
-1e-3); its lr 3e-5 is for batches of 40 ImageNet crops, so for CIFAR-10 this file uses Adam's
-usual 1e-3 per 256 images with cosine decay over 200 epochs of random square crops (at least half
-the area, like the paper's 176 px crops of 256 px images) and flips. No published CIFAR-10 number.
-Results of this file: not yet measured (see README).
-Evaluated features: the trunk's pooled output on the L channel alone (grayscale input, as the paper
-evaluates); the probe trains on frozen features of the un-augmented training images and their
-flips. Pretext metrics on the test images: colour-bin top-1 and the AuC of the per-pixel ab error
-(thresholds 0 to 150, paper Sec. 3.1).
+Defaults: the paper has no CIFAR recipe and no CIFAR number. This file keeps its objective and its
+solver (Adam, L2 1e-3) and sizes the rest for 32 px images. Sources checked, P: the paper (arXiv v5);
+C: the official Caffe code (richzhang/colorization, caffe branch): the feature-learning AlexNet of
+train_alexnet/ (train_val.prototxt, solver0-3.prototxt; "v2": the colour net of
+models/colorization_train_val_v2.prototxt, train/solver.prototxt) and the layers of
+resources/caffe_traininglayers.py and softmax_cross_entropy_loss_layer.cpp.
+Evaluated features: the trunk's pooled output on the L channel alone (grayscale input, as P Sec. 3.2)
+of the un-augmented image resized to image_size, for knn_top1, probe_top1 and linear_top1
+(common.evaluate). Pretext metrics on the test images: colour-bin top-1 and the AuC of the per-pixel ab
+error (thresholds 0 to 150, P Sec. 3.1). Results of this file: not yet measured (README).
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| trunk | AlexNet on L for features (P Sec. 3.2) | AlexNet with BN (C train_alexnet) | ResNet-18, CIFAR stem, on L |
+| input | L | L - 50 (C data_l) | L / 50 - 1 (BN follows conv1) |
+| prediction grid | 1/4 of the side (colour net, P Table 4) | 12 x 12 of 180 px, resized to 23 x 23 (C) | 1/4: 8 x 8 |
+| ab target on the grid | - | one pixel in 8 x 8 (4 x 4 in v2): data_ab_ss (C) | 4 x 4 average |
+| ab bins | grid 10, 313 in gamut (P Sec. 2.1) | 313 (C pts_in_hull.npy) | 229: common.ab_bins |
+| soft encoding | 5 nearest bins, sigma 5 (P Sec. 2.1) | 10 nearest, sigma 5 (C NNEncLayer) | as P |
+| colour prior | ImageNet's, smoothed, sigma 5 (P Sec. 2.2) | prior_probs.npy (C PriorBoostLayer) | training set's |
+| rebalancing | lambda 1/2, uniform over Q (P Eq. 4) | uniform over bins seen (C PriorFactor) | as P |
+| grey images | - | no loss if all grid a, b are within +-5 (C NonGrayMaskLayer) | as C |
+| loss scale | sum over pixels (P Eq. 2) | / images, not pixels (C loss layer .cpp) | as C |
+| crops | - | 180 px of 256 px, flips (C; 176 px in v2) | square, 50-100% of the area, flips |
+| batch, steps | - | 80, 450k (C solver0-3; v2: 40, 450k) | 256, 200 epochs (39k) |
+| Adam betas | 0.9, 0.99 (P Sec. 3) | 0.9, 0.999 (C solver0-3; 0.99 in v2) | as P |
+| lr | 3e-5; 1e-5, 3e-6 at 200k, 375k (P Sec. 3) | 3e-5; 1e-5, 3e-6, 1e-6 at 240k, 300k, 400k (C) | 1e-3 / 256, cosine |
+| weight decay | L2 1e-3 (P Sec. 3) | L2 1e-3; biases: none, lr x2 (C train_val) | L2 1e-3, weights only |
+| annealed-mean T | 0.38 (P Sec. 2.3) | 1 / 2.606 = 0.384 (C deploy_v2 conv8_313_rh) | as P (PNGs, AuC) |
+| evaluation | linear on frozen conv maps, ImageNet (P Sec. 3.2) | - | knn, probe, linear_eval |
 """
 
 import dataclasses
@@ -39,12 +52,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
 
-PRED_STRIDE = 4  # predictions at 1/4 of the image side, as the paper (56 x 56 for 224 px)
+PRED_STRIDE = common.PixelClassifier.stride  # logits on a grid of 1/4 of the image side (56 x 56 for 224 px)
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ class Config:
     data_dir: str = "./data"  # folder of <dataset>.npz (downloaded there if missing); $SSL_DATA replaces this default
     out_dir: str = "out/colorization"  # config.json, log.jsonl, ckpt.pt, encoder.pt, results.json, PNGs
     subset: int = 0  # train on the first N training images only (0 = all)
-    image_size: int = 32  # side of the crops (a multiple of 4; 96 for STL-10, 224 for ImageNet)
+    image_size: int = 32  # side of the crops and of evaluated images (a multiple of 4; 96 for STL-10, 224 ImageNet)
     # model
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
     # method
@@ -63,6 +75,7 @@ class Config:
     sigma: float = 5.0  # soft-encoding: Gaussian width in ab units
     rebalance_lambda: float = 0.5  # class rebalancing: mix of the colour prior with uniform (Eq. 4)
     rebalance_sigma: float = 5.0  # class rebalancing: Gaussian smoothing of the colour prior in ab units
+    gray_threshold: float = 5.0  # an image with no grid |a| or |b| above this is grey: no loss (official code)
     temperature: float = 0.38  # annealed-mean decoding (Sec. 2.3): 1 = mean, -> 0 = mode
     prior_images: int = 50000  # training images counted for the colour prior (at most)
     crop_min: float = 0.5  # smallest area fraction of the random square crop
@@ -89,7 +102,7 @@ class Config:
     def __post_init__(self):
         common.check_config(self)
         if self.image_size % PRED_STRIDE:
-            raise ValueError(f"--image_size must be a multiple of {PRED_STRIDE} (predictions at 1/{PRED_STRIDE} resolution)")
+            raise ValueError(f"--image_size must be a multiple of {PRED_STRIDE} (the prediction grid's stride)")
         if not 0 < self.grid <= 50 or self.neighbours < 1 or self.sigma <= 0 or self.rebalance_sigma <= 0:
             raise ValueError("--grid must be in (0, 50], --neighbours >= 1, --sigma and --rebalance_sigma > 0")
         if not 0 <= self.rebalance_lambda <= 1 or self.temperature <= 0 or not 0 < self.crop_min <= 1:
@@ -108,42 +121,16 @@ def colorization_view(x, cfg):
     return common.random_flip(x)
 
 
+def lab_at(x, size):
+    """uint8 (B,3,H,W) -> Lab (B,3,size,size): un-augmented images at the training scale (bilinear, if not already)."""
+    x = common.to_float(x)
+    return common.rgb_to_lab(x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                                         antialias=True))
+
+
 def split_lab(lab):
     """Lab (B,3,H,W) -> (network input L/50 - 1 (B,1,H,W), true ab on the prediction grid (B,2,H/4,W/4))."""
     return lab[:, :1] / 50 - 1, F.avg_pool2d(lab[:, 1:], PRED_STRIDE)
-
-
-# -------------------------------------------------------------------------------------------------
-# model
-
-
-def set_input_channels(net, channels):
-    """Replace the trunk's first convolution by one reading `channels` planes (else the same)."""
-    name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-    parent, _, attr = name.rpartition(".")
-    setattr(net.get_submodule(parent), attr, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                                       conv.padding, bias=conv.bias is not None))
-    return net
-
-
-class Colorizer(nn.Module):
-    """L (B,1,H,W) -> logits over the ab bins (B, Q, H/4, W/4); backbone(L) is the representation."""
-
-    def __init__(self, arch, small_images, n_bins):
-        super().__init__()
-        self.backbone, width = common.resnet(arch, small_images)
-        set_input_channels(self.backbone, 1)
-        self.mix = nn.Sequential(  # a 3x3 conv on the trunk's last map, before upsampling it
-            nn.Conv2d(width, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(inplace=True))
-        self.classify = nn.Conv2d(width // 2, n_bins, 1)  # per-pixel bin logits on the 1/4-resolution grid
-
-    def forward(self, L):
-        h = L
-        for layer in list(self.backbone.children())[:-2]:  # the trunk without its pooling and flatten/fc
-            h = layer(h)  # ends (B, width, H/8, W/8) with the CIFAR stem, (B, width, H/32, W/32) without
-        h = F.interpolate(self.mix(h), size=(L.shape[2] // PRED_STRIDE, L.shape[3] // PRED_STRIDE), mode="bilinear",
-                          align_corners=False)  # (B, width/2, H/4, W/4)
-        return self.classify(h)  # (B, Q, H/4, W/4)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -151,44 +138,34 @@ class Colorizer(nn.Module):
 
 
 def colorization_loss(logits, target, weights):
-    """Class-rebalanced multinomial cross-entropy (paper Eq. 2), averaged over pixels.
+    """Class-rebalanced multinomial cross-entropy (paper Eq. 2): summed over the pixels of an image, as the
+    paper's sum over h, w, and averaged over the images, as the official loss layer divides by the batch.
 
     logits: (B, Q, h, w) scores over the ab bins; target: (B, Q, h, w) soft-encoded true colours
-    (each pixel sums to 1); weights: (B, h, w) the rebalancing weight v(Z) of each pixel (Eq. 3).
+    (each pixel sums to 1); weights: (B, h, w) the weight of each pixel: v(Z) of Eq. 3, 0 in grey images.
     Computed in float32.
     """
     ce = F.cross_entropy(logits.float(), target.float(), reduction="none")  # (B, h, w): -sum_q Z_q log softmax_q
-    return (weights.float() * ce).mean()
+    return (weights.float() * ce).sum((1, 2)).mean()
 
 
 # -------------------------------------------------------------------------------------------------
-# colour bins, soft encoding, rebalancing, decoding
-
-
-def ab_bins(grid=10.0, L_step=0.1):
-    """(Q, 2) centres (a, b) of the grid cells whose centre is in the sRGB gamut for some L in [0, 100]."""
-    side = torch.arange(-120 // grid, 120 // grid + 1) * grid  # |a|, |b| < 120 for every sRGB colour
-    ab = torch.cartesian_prod(side, side)  # (G, 2)
-    L = torch.arange(0, 100 + L_step / 2, L_step)  # (nL,)
-    lab = torch.cat([L.view(-1, 1, 1).expand(-1, len(ab), 1), ab.expand(len(L), -1, -1)], 2)  # (nL, G, 3)
-    rgb = common.lab_to_rgb(lab.permute(2, 0, 1)[None], clamp=False)[0]  # (3, nL, G), unclamped
-    in_gamut = ((rgb >= 0) & (rgb <= 1)).all(0).any(0)  # (G,): some L makes it a displayable colour
-    return ab[in_gamut]
-
-
-def squared_distances(ab, bins):
-    """ab (B,2,h,w), bins (Q,2) -> (B*h*w, Q) squared distances, pixels in (B, h, w) order."""
-    p = ab.permute(0, 2, 3, 1).reshape(-1, 2).float()  # (P, 2)
-    return ((p**2).sum(1, keepdim=True) - 2 * p @ bins.T + (bins**2).sum(1)).clamp(min=0)  # (P, Q)
+# soft encoding, grey images, rebalancing
 
 
 def soft_encode(ab, bins, neighbours=5, sigma=5.0):
     """True colours ab (B,2,h,w) -> targets (B,Q,h,w): Gaussian weights on the nearest bins, summing to 1."""
     B, _, h, w = ab.shape
-    d2, idx = squared_distances(ab, bins).topk(neighbours, dim=1, largest=False)  # (P, k) each
+    d2, idx = common.bin_distances(ab, bins).topk(neighbours, dim=1, largest=False)  # (P, k) each
     weights = torch.softmax(-d2 / (2 * sigma**2), dim=1)  # (P, k): exp(-d^2 / 2 sigma^2), normalized
     target = torch.zeros(len(idx), len(bins), device=ab.device).scatter_(1, idx, weights)  # (P, Q)
     return target.view(B, h, w, -1).permute(0, 3, 1, 2)  # (B, Q, h, w)
+
+
+def has_colour(ab, threshold=5.0):
+    """(B,) bool from the true ab on the grid (B,2,h,w): some |a| or |b| of the image exceeds threshold. The
+    official NonGrayMaskLayer's test: the loss of a grey image (a black-and-white photo) is zeroed."""
+    return (ab.abs() > threshold).flatten(1).any(1)
 
 
 def rebalance_weights(prior, bins, lambd=0.5, sigma=5.0):
@@ -204,19 +181,13 @@ def rebalance_weights(prior, bins, lambd=0.5, sigma=5.0):
     return w / (smooth * w).sum(), smooth
 
 
-def annealed_mean(logits, bins, temperature):
-    """logits (B,Q,h,w) -> ab (B,2,h,w): the mean of softmax(logits / T) over the bin centres (Sec. 2.3)."""
-    p = torch.softmax(logits.float() / temperature, dim=1)  # (B, Q, h, w): re-normalized p^(1/T)
-    return torch.einsum("bqhw,qc->bchw", p, bins)
-
-
 @torch.no_grad()
-def colour_prior(data, bins, rt, max_images):
+def colour_prior(data, bins, rt, max_images, size):
     """Empirical distribution (Q,) of the training pixels' nearest bins, on the prediction grid."""
     counts, seen = torch.zeros(len(bins), dtype=torch.long, device=rt.device), 0
     for x, _ in data.eval_batches("train", 500):
-        _, ab = split_lab(common.rgb_to_lab(common.to_float(x)))  # (b, 2, h, w)
-        counts += torch.bincount(squared_distances(ab, bins).argmin(1), minlength=len(bins))
+        _, ab = split_lab(lab_at(x, size))  # (b, 2, h, w)
+        counts += torch.bincount(common.bin_distances(ab, bins).argmin(1), minlength=len(bins))
         seen += len(x)
         if seen >= max_images / rt.world_size:
             break
@@ -224,39 +195,43 @@ def colour_prior(data, bins, rt, max_images):
     return counts / counts.sum()
 
 
+# -------------------------------------------------------------------------------------------------
+# pretext metrics and pictures
+
+
 @torch.no_grad()
-def colour_metrics(model, data, bins, rt, temperature):
-    """Pretext metrics on the test images: colour-bin top-1 on the prediction grid, and the AuC of the
-    full-resolution per-pixel ab error of the annealed mean over thresholds 0, 1, ..., 150 (Sec. 3.1)."""
+def colour_metrics(model, data, bins, rt, temperature, size):
+    """Pretext metrics on the test images (at the training scale): colour-bin top-1 on the prediction grid, and
+    the AuC of the per-pixel ab error of the upsampled annealed mean over thresholds 0, 1, ..., 150 (Sec. 3.1)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # correct bins, grid pixels, AuC of pixels
     for x, _ in data.eval_batches("test", 500):
-        lab = common.rgb_to_lab(common.to_float(x))  # (b, 3, H, W)
+        lab = lab_at(x, size)  # (b, 3, S, S)
         L_in, ab = split_lab(lab)
         with rt.autocast():
             logits = model(L_in)
         logits = logits.float()  # (b, Q, h, w)
-        hit = logits.argmax(1).flatten() == squared_distances(ab, bins).argmin(1)  # (b*h*w,)
-        pred = F.interpolate(annealed_mean(logits, bins, temperature), size=lab.shape[2:], mode="bilinear",
-                             align_corners=False)  # (b, 2, H, W)
-        err = (pred - lab[:, 1:]).norm(dim=1)  # (b, H, W)
+        hit = logits.argmax(1).flatten() == common.bin_distances(ab, bins).argmin(1)  # (b*h*w,)
+        pred = F.interpolate(common.annealed_mean(logits, bins, temperature), size=lab.shape[2:], mode="bilinear",
+                             align_corners=False)  # (b, 2, S, S)
+        err = (pred - lab[:, 1:]).norm(dim=1)  # (b, S, S)
         within = (151 - err.ceil()).clamp(min=0) / 151  # fraction of the thresholds 0..150 that err meets
-        sums += torch.stack([hit.sum(), torch.tensor(hit.numel(), device=rt.device), within.mean((1, 2)).sum()]).double()
+        pixels = torch.tensor(hit.numel(), device=rt.device)
+        sums += torch.stack([hit.sum(), pixels, within.mean((1, 2)).sum()]).double()
     sums = common.all_reduce_sum(sums)  # every process's share of the test set
     model.train()
     return {"color_top1": (sums[0] / sums[1]).item(), "color_auc": (sums[2] / len(data.labels("test"))).item()}
 
 
 @torch.no_grad()
-def save_colorizations(model, x, bins, temperature, path):
+def save_colorizations(model, x, bins, temperature, size, path):
     """PNG rows: the L input (grey), the annealed-mean colourization, the ground truth (uint8 x)."""
     model.eval()
-    x = common.to_float(x)
-    lab = common.rgb_to_lab(x)
-    ab = F.interpolate(annealed_mean(model(split_lab(lab)[0]), bins, temperature), size=x.shape[2:], mode="bilinear",
-                       align_corners=False)  # (N, 2, H, W): the 1/4-resolution prediction, upsampled
-    grey = common.lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(ab)], 1))
-    common.save_image_grid([grey, common.lab_to_rgb(torch.cat([lab[:, :1], ab], 1)), x], path)
+    lab = lab_at(x, size)
+    ab = F.interpolate(common.annealed_mean(model(split_lab(lab)[0]), bins, temperature), size=lab.shape[2:],
+                       mode="bilinear", align_corners=False)  # (N, 2, S, S): the 1/4-resolution prediction, upsampled
+    rows = [torch.cat([lab[:, :1], torch.zeros_like(ab)], 1), torch.cat([lab[:, :1], ab], 1), lab]
+    common.save_image_grid([common.lab_to_rgb(r) for r in rows], path)
     model.train()
 
 
@@ -271,13 +246,15 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule, reference batch 256
-    bins = ab_bins(cfg.grid).to(rt.device)  # (Q, 2)
-    class_weights, _ = rebalance_weights(colour_prior(data, bins, rt, cfg.prior_images), bins, cfg.rebalance_lambda,
-                                         cfg.rebalance_sigma)  # (Q,)
+    S = cfg.image_size
+    bins = common.ab_bins(cfg.grid).to(rt.device)  # (Q, 2)
+    class_weights, _ = rebalance_weights(colour_prior(data, bins, rt, cfg.prior_images, S), bins,
+                                         cfg.rebalance_lambda, cfg.rebalance_sigma)  # (Q,)
     common.print0(f"colorization: {total_steps} steps, Adam lr {lr:.3g}, {len(bins)} ab bins in the sRGB gamut, "
                   f"rebalancing weights {class_weights.min():.3g}..{class_weights.max():.3g}")
 
-    raw_model = common.sync_batchnorm(Colorizer(cfg.arch, cfg.image_size <= 64, len(bins)).to(rt.device), rt)
+    # the trunk reads L (1 channel); the head scores the Q ab bins on the 1/4-resolution grid
+    raw_model = common.sync_batchnorm(common.PixelClassifier(cfg.arch, S <= 64, 1, len(bins)).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
     opt = torch.optim.Adam(common.param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.99))
     start_step = 0
@@ -286,16 +263,16 @@ def train(cfg: Config) -> dict:
         opt.load_state_dict(state["opt"])
         start_step = state["step"]
 
-    def features(x):  # the pooled trunk output on the L channel alone (grayscale input)
-        return raw_model.backbone(split_lab(common.rgb_to_lab(common.to_float(x)))[0])
+    def features(x):  # the pooled trunk output on the L channel alone (grayscale input), at the training scale
+        return raw_model.backbone(split_lab(lab_at(x, S))[0])
 
     shown = next(iter(data.eval_batches("test", cfg.show)))[0]  # the same test images in every PNG
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
         log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
-                   **colour_metrics(raw_model, data, bins, rt, cfg.temperature)})
+                   **colour_metrics(raw_model, data, bins, rt, cfg.temperature, S)})
         if rt.is_main:
-            save_colorizations(raw_model, shown, bins, cfg.temperature,
+            save_colorizations(raw_model, shown, bins, cfg.temperature, S,
                                os.path.join(cfg.out_dir, f"colorization_epoch{epoch:04d}.png"))
 
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
@@ -309,10 +286,11 @@ def train(cfg: Config) -> dict:
         L_in, ab = split_lab(lab)  # (B, 1, S, S) input, (B, 2, S/4, S/4) true colours
         target = soft_encode(ab, bins, cfg.neighbours, cfg.sigma)  # (B, Q, S/4, S/4)
         nearest = target.argmax(1)  # (B, S/4, S/4): the bin with the largest share is the nearest
+        weights = class_weights[nearest] * has_colour(ab, cfg.gray_threshold)[:, None, None]  # (B, S/4, S/4)
         with rt.autocast():
             logits = model(L_in)  # (B, Q, S/4, S/4)
-        # each process averages over its own pixels; DDP's gradient average makes it the global mean
-        loss = colorization_loss(logits, target, class_weights[nearest])
+        # each process averages over its own images; DDP's gradient average makes it the global mean
+        loss = colorization_loss(logits, target, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -331,13 +309,13 @@ def train(cfg: Config) -> dict:
     if rt.is_main:  # the 1-channel trunk (its conv1 reads L) and the final colourizations, before the last
         # collectives below, so that no process leaves train() while the main one still writes files
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
-        save_colorizations(raw_model, shown, bins, cfg.temperature, os.path.join(cfg.out_dir, "colorization.png"))
+        save_colorizations(raw_model, shown, bins, cfg.temperature, S, os.path.join(cfg.out_dir, "colorization.png"))
     metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
-    colour = colour_metrics(raw_model, data, bins, rt, cfg.temperature)
+    colour = colour_metrics(raw_model, data, bins, rt, cfg.temperature, S)
     common.print0(f"colour-bin top-1 {colour['color_top1']:.4f} | AuC {colour['color_auc']:.4f} (test images)")
-    results = {"method": "colorization", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, **colour, "ab_bins": len(bins), "train_seconds": round(log.train_seconds, 1),
-               "images_per_second": round(log.images_per_second(), 1)}
+    results = {"method": "colorization", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
+               "steps": stop_step, **metrics, **colour, "ab_bins": len(bins),
+               "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1)}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

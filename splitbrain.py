@@ -7,8 +7,9 @@ disjoint halves and split the input channels with it: in CIE Lab, one half sees 
 lightness L and predicts the colour ab, the other sees only ab and predicts L. Each half solves a
 cross-channel prediction problem that needs to know what is in the image, and together they see
 every channel. Both predictions are classifications over quantized targets (the paper's best
-variant, better than regression): ab over a grid of colour bins, L over lightness bins. After
-training the heads are dropped and the representation is the concatenation of both halves'
+variant, (cl,cl) of its Table 2): ab over a grid of colour bins, L over 50 lightness bins of width 2,
+each a 1-hot target with a plain cross-entropy (no soft encoding, no class rebalancing: P App. B).
+After training the heads are dropped and the representation is the concatenation of both halves'
 features, computed from the full Lab image.
 
     python splitbrain.py                                         # 1 GPU: CIFAR-10, the recipe below
@@ -16,22 +17,29 @@ features, computed from the full Lab image.
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 splitbrain.py
     python splitbrain.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
-Halves: two trunks from common.resnet whose first convolution reads 1 (L) or 2 (ab) channels, each
-with a head that predicts at 1/4 resolution (3x3 convolution on the last map, bilinear upsampling,
-1x1 convolution), as colorization.py. The paper halves every layer of AlexNet so that the two
-halves together have its size; common.resnet has no half-width ResNets, so each half here is a
-whole trunk and the representation is twice the trunk's width (1024 for ResNet-18).
-Targets, on the 1/4-resolution grid (average-pooled): ab -> nearest of the 229 ab bins of grid 10
-whose centre is in the sRGB gamut for some L (as colorization.py); L -> one of 50 bins of width 2
-(this file's choice of bins). The loss is the sum of the two halves' cross-entropies against the
-target bin (no soft encoding, no class rebalancing: this file's choice, so both halves train alike).
-Defaults: the paper has no CIFAR recipe; this file uses colorization.py's (Adam, betas 0.9/0.99,
-weight decay 1e-3, lr 1e-3 per 256 images with cosine decay, 200 epochs, square crops of at least
-half the area and flips). No published CIFAR-10 number.
-Results of this file: not yet measured (see README).
+Defaults: the paper has no CIFAR recipe, no CIFAR number and no optimizer settings; this file uses
+colorization.py's (Adam, betas 0.9/0.99, L2 1e-3, lr 1e-3 per 256 images with cosine decay, 200
+epochs, square crops and flips). Sources checked, P: the paper (arXiv v3, with its App. B);
+C: the official code (richzhang/splitbrainauto): deploy prototxts and trained weights only, no
+training code. Grey images train like any other: neither source says to mask them (colorization.py
+does, as its official code).
 Evaluated features: the concatenation of the L half's pooled trunk output on L and the ab half's on
-ab, both from the un-augmented image in Lab; the probe trains on frozen features of the training
-images and their flips. Pretext metrics on the test images: top-1 of the ab bins and of the L bins.
+ab, both from the un-augmented image in Lab resized to image_size, for knn_top1, probe_top1 and
+linear_top1 (common.evaluate). Pretext metrics on the test images: top-1 of the ab bins and of the
+L bins. Results of this file: not yet measured (README).
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| halves | AlexNet split in two: group 2 (P Sec. 3.2) | AlexNet, group 2 in conv2, 4, 5 (C deploy_lab) | 2 ResNet-18 |
+| representation | both halves' layers, concatenated (P Sec. 3.2) | AlexNet to fc7 (C deploy_lab) | 2 x 512, pooled |
+| input | Lab | a fixed 1x1 conv per channel, "0-center" L (C deploy_lab) | L / 50 - 1, ab / 110 |
+| prediction grid | 12 x 12 of 180 px crops (P App. B, Table 6) | - | 1/4: 8 x 8, 4 x 4 averages |
+| ab bins | grid 10, 313 in gamut, 1-hot (P Sec. 4.1) | - | 229: common.ab_bins, 1-hot |
+| loss scale | sum over pixels (P Eq. 2) | - | as P, mean over images |
+| crops | 180 px of 256 px (P App. B) | - | square, 50-100% of the area, flips |
+| optimizer, lr, steps | - | - | colorization.py's: Adam, 1e-3 per 256, 200 epochs |
+| annealed-mean T | for pictures, T of [49] (P Sec. 4.1) | - | 0.38, both halves (PNGs) |
+| evaluation | linear on frozen conv maps, ImageNet (P Table 2) | - | knn, probe, linear_eval |
 """
 
 import dataclasses
@@ -44,7 +52,7 @@ import torch.nn.functional as F
 
 import common
 
-PRED_STRIDE = 4  # predictions at 1/4 of the image side, as the colorization network
+PRED_STRIDE = common.PixelClassifier.stride  # logits on a grid of 1/4 of the image side, as colorization.py's
 AB_SCALE = 110.0  # |a|, |b| < 110 for sRGB colours: the ab half reads ab / 110
 
 
@@ -55,12 +63,12 @@ class Config:
     data_dir: str = "./data"  # folder of <dataset>.npz (downloaded there if missing); $SSL_DATA replaces this default
     out_dir: str = "out/splitbrain"  # config.json, log.jsonl, ckpt.pt, encoder.pt, results.json, PNGs
     subset: int = 0  # train on the first N training images only (0 = all)
-    image_size: int = 32  # side of the crops (a multiple of 4; 96 for STL-10, 224 for ImageNet)
+    image_size: int = 32  # side of the crops and of evaluated images (a multiple of 4; 96 for STL-10, 224 ImageNet)
     # model
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs): each half's trunk
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs): each half's
     # method
     grid: float = 10.0  # spacing of the ab bins (as colorization)
-    l_bins: int = 50  # lightness bins over L in [0, 100] (width 100 / l_bins)
+    l_bins: int = 50  # lightness bins over L in [0, 100], of width 100 / l_bins (paper Sec. 4.1: 50 of width 2)
     temperature: float = 0.38  # annealed-mean decoding of both predictions for the PNGs
     crop_min: float = 0.5  # smallest area fraction of the random square crop
     # optim
@@ -86,7 +94,7 @@ class Config:
     def __post_init__(self):
         common.check_config(self)
         if self.image_size % PRED_STRIDE:
-            raise ValueError(f"--image_size must be a multiple of {PRED_STRIDE} (predictions at 1/{PRED_STRIDE} resolution)")
+            raise ValueError(f"--image_size must be a multiple of {PRED_STRIDE} (the prediction grid's stride)")
         if not 0 < self.grid <= 50 or self.l_bins < 2:
             raise ValueError("--grid must be in (0, 50] and --l_bins at least 2")
         if self.temperature <= 0 or not 0 < self.crop_min <= 1 or self.show < 1:
@@ -103,6 +111,13 @@ def splitbrain_view(x, cfg):
     return common.random_flip(x)
 
 
+def lab_at(x, size):
+    """uint8 (B,3,H,W) -> Lab (B,3,size,size): un-augmented images at the training scale (bilinear, if not already)."""
+    x = common.to_float(x)
+    return common.rgb_to_lab(x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                                         antialias=True))
+
+
 def lab_input(lab):
     """Lab (B,3,H,W) -> the network input: L / 50 - 1 and ab / 110, both about [-1, 1]."""
     return torch.cat([lab[:, :1] / 50 - 1, lab[:, 1:] / AB_SCALE], 1)
@@ -112,43 +127,14 @@ def lab_input(lab):
 # model
 
 
-def set_input_channels(net, channels):
-    """Replace the trunk's first convolution by one reading `channels` planes (else the same)."""
-    name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-    parent, _, attr = name.rpartition(".")
-    setattr(net.get_submodule(parent), attr, nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                                       conv.padding, bias=conv.bias is not None))
-    return net
-
-
-class CrossChannelHalf(nn.Module):
-    """One half: its channels (B,C,H,W) -> logits over the other channels' bins (B,Q,H/4,W/4).
-    backbone(x) (B, width) is this half's part of the representation."""
-
-    def __init__(self, arch, small_images, in_channels, n_bins):
-        super().__init__()
-        self.backbone, width = common.resnet(arch, small_images)
-        set_input_channels(self.backbone, in_channels)
-        self.mix = nn.Sequential(  # a 3x3 conv on the trunk's last map, before upsampling it
-            nn.Conv2d(width, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(inplace=True))
-        self.classify = nn.Conv2d(width // 2, n_bins, 1)  # per-pixel bin logits on the 1/4-resolution grid
-
-    def forward(self, x):
-        h = x
-        for layer in list(self.backbone.children())[:-2]:  # the trunk without its pooling and flatten/fc
-            h = layer(h)  # ends (B, width, H/8, W/8) with the CIFAR stem, (B, width, H/32, W/32) without
-        h = F.interpolate(self.mix(h), size=(x.shape[2] // PRED_STRIDE, x.shape[3] // PRED_STRIDE), mode="bilinear",
-                          align_corners=False)  # (B, width/2, H/4, W/4)
-        return self.classify(h)  # (B, Q, H/4, W/4)
-
-
 class SplitBrain(nn.Module):
-    """Two disjoint halves: F1 sees L and predicts ab bins, F2 sees ab and predicts L bins."""
+    """Two disjoint halves (common.PixelClassifier: a trunk and a head that classifies each pixel of the
+    1/4-resolution grid): F1 sees L and predicts ab bins, F2 sees ab and predicts L bins."""
 
     def __init__(self, arch, small_images, n_ab_bins, n_l_bins):
         super().__init__()
-        self.l_to_ab = CrossChannelHalf(arch, small_images, 1, n_ab_bins)
-        self.ab_to_l = CrossChannelHalf(arch, small_images, 2, n_l_bins)
+        self.l_to_ab = common.PixelClassifier(arch, small_images, 1, n_ab_bins)
+        self.ab_to_l = common.PixelClassifier(arch, small_images, 2, n_l_bins)
 
     def forward(self, x):  # x: lab_input (B, 3, H, W)
         return self.l_to_ab(x[:, :1]), self.ab_to_l(x[:, 1:])  # (B, Q_ab, H/4, W/4), (B, Q_L, H/4, W/4)
@@ -162,35 +148,25 @@ class SplitBrain(nn.Module):
 
 
 def split_brain_loss(ab_logits, ab_target, l_logits, l_target):
-    """The sum of the two halves' cross-channel classification losses, each averaged over pixels.
+    """The sum of the two halves' cross-channel classification losses (paper Eq. 2-3), each summed over
+    the pixels of an image, as the paper's sum over h, w, and averaged over the images.
 
     ab_logits: (B, Q_ab, h, w) from the L half, ab_target: (B, h, w) nearest ab bin;
     l_logits: (B, Q_L, h, w) from the ab half, l_target: (B, h, w) L bin. Computed in float32.
     """
-    return F.cross_entropy(ab_logits.float(), ab_target) + F.cross_entropy(l_logits.float(), l_target)
+    ab = F.cross_entropy(ab_logits.float(), ab_target, reduction="none")  # (B, h, w)
+    L = F.cross_entropy(l_logits.float(), l_target, reduction="none")  # (B, h, w)
+    return (ab + L).sum((1, 2)).mean()
 
 
 # -------------------------------------------------------------------------------------------------
-# quantization and decoding
-
-
-def ab_bins(grid=10.0, L_step=0.1):
-    """(Q, 2) centres (a, b) of the grid cells whose centre is in the sRGB gamut for some L in [0, 100]."""
-    side = torch.arange(-120 // grid, 120 // grid + 1) * grid  # |a|, |b| < 120 for every sRGB colour
-    ab = torch.cartesian_prod(side, side)  # (G, 2)
-    L = torch.arange(0, 100 + L_step / 2, L_step)  # (nL,)
-    lab = torch.cat([L.view(-1, 1, 1).expand(-1, len(ab), 1), ab.expand(len(L), -1, -1)], 2)  # (nL, G, 3)
-    rgb = common.lab_to_rgb(lab.permute(2, 0, 1)[None], clamp=False)[0]  # (3, nL, G), unclamped
-    in_gamut = ((rgb >= 0) & (rgb <= 1)).all(0).any(0)  # (G,): some L makes it a displayable colour
-    return ab[in_gamut]
+# quantization (1-hot targets, paper Sec. 4.1)
 
 
 def quantize_ab(ab, bins):
     """ab (B,2,h,w) -> (B,h,w) index of the nearest bin centre."""
     B, _, h, w = ab.shape
-    p = ab.permute(0, 2, 3, 1).reshape(-1, 2).float()  # (P, 2)
-    d2 = (p**2).sum(1, keepdim=True) - 2 * p @ bins.T + (bins**2).sum(1)  # (P, Q) squared distances
-    return d2.argmin(1).view(B, h, w)
+    return common.bin_distances(ab, bins).argmin(1).view(B, h, w)
 
 
 def l_centres(n_bins, device=None):
@@ -204,24 +180,22 @@ def quantize_l(L, n_bins):
 
 
 def lab_targets(lab, bins, n_l_bins):
-    """Lab (B,3,H,W) -> (ab bin (B,H/4,W/4), L bin (B,H/4,W/4)) on the prediction grid."""
+    """Lab (B,3,H,W) -> (ab bin (B,H/4,W/4), L bin (B,H/4,W/4)) on the prediction grid (4 x 4 averages)."""
     lab = F.avg_pool2d(lab, PRED_STRIDE)  # (B, 3, H/4, W/4)
     return quantize_ab(lab[:, 1:], bins), quantize_l(lab[:, :1], n_l_bins)
 
 
-def annealed_mean(logits, centres, temperature):
-    """logits (B,Q,h,w), centres (Q,C) -> (B,C,h,w): the mean of softmax(logits / T) over the centres."""
-    p = torch.softmax(logits.float() / temperature, dim=1)  # (B, Q, h, w)
-    return torch.einsum("bqhw,qc->bchw", p, centres)
+# -------------------------------------------------------------------------------------------------
+# pretext metrics and pictures
 
 
 @torch.no_grad()
-def pretext_metrics(model, data, bins, n_l_bins, rt):
+def pretext_metrics(model, data, bins, n_l_bins, rt, size):
     """Top-1 of the ab bins (L half) and of the L bins (ab half) on the test images' prediction grid."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # correct ab, correct L, pixels
     for x, _ in data.eval_batches("test", 500):
-        lab = common.rgb_to_lab(common.to_float(x))
+        lab = lab_at(x, size)
         ab_target, l_target = lab_targets(lab, bins, n_l_bins)
         with rt.autocast():
             ab_logits, l_logits = model(lab_input(lab))
@@ -233,20 +207,19 @@ def pretext_metrics(model, data, bins, n_l_bins, rt):
 
 
 @torch.no_grad()
-def save_predictions(model, x, bins, n_l_bins, temperature, path):
+def save_predictions(model, x, bins, n_l_bins, temperature, size, path):
     """PNG rows: the L input, the ab input (shown at L = 50), L -> ab (true L, predicted ab),
-    ab -> L (predicted L, true ab), the ground truth (uint8 x)."""
+    ab -> L (predicted L, true ab), the ground truth (uint8 x at the training scale)."""
     model.eval()
-    x = common.to_float(x)
-    lab = common.rgb_to_lab(x)
+    lab = lab_at(x, size)
     L, ab = lab[:, :1], lab[:, 1:]
     ab_logits, l_logits = model(lab_input(lab))
-    up = lambda t: F.interpolate(t, size=x.shape[2:], mode="bilinear", align_corners=False)  # noqa: E731
-    ab_pred = up(annealed_mean(ab_logits, bins, temperature))  # (N, 2, H, W)
-    L_pred = up(annealed_mean(l_logits, l_centres(n_l_bins, x.device), temperature))  # (N, 1, H, W)
+    up = lambda t: F.interpolate(t, size=lab.shape[2:], mode="bilinear", align_corners=False)  # noqa: E731
+    ab_pred = up(common.annealed_mean(ab_logits, bins, temperature))  # (N, 2, S, S)
+    L_pred = up(common.annealed_mean(l_logits, l_centres(n_l_bins, x.device), temperature))  # (N, 1, S, S)
     rows = [torch.cat([L, torch.zeros_like(ab)], 1), torch.cat([torch.full_like(L, 50.0), ab], 1),
-            torch.cat([L, ab_pred], 1), torch.cat([L_pred, ab], 1)]
-    common.save_image_grid([common.lab_to_rgb(r) for r in rows] + [x], path)
+            torch.cat([L, ab_pred], 1), torch.cat([L_pred, ab], 1), lab]
+    common.save_image_grid([common.lab_to_rgb(r) for r in rows], path)
     model.train()
 
 
@@ -261,10 +234,11 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule, reference batch 256
-    bins = ab_bins(cfg.grid).to(rt.device)  # (Q_ab, 2)
+    S = cfg.image_size
+    bins = common.ab_bins(cfg.grid).to(rt.device)  # (Q_ab, 2)
     common.print0(f"splitbrain: {total_steps} steps, Adam lr {lr:.3g}, {len(bins)} ab bins, {cfg.l_bins} L bins")
 
-    raw_model = common.sync_batchnorm(SplitBrain(cfg.arch, cfg.image_size <= 64, len(bins), cfg.l_bins).to(rt.device), rt)
+    raw_model = common.sync_batchnorm(SplitBrain(cfg.arch, S <= 64, len(bins), cfg.l_bins).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
     opt = torch.optim.Adam(common.param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.99))
     start_step = 0
@@ -273,16 +247,16 @@ def train(cfg: Config) -> dict:
         opt.load_state_dict(state["opt"])
         start_step = state["step"]
 
-    def features(x):  # both halves' pooled features of the un-augmented image in Lab
-        return raw_model.features(lab_input(common.rgb_to_lab(common.to_float(x))))
+    def features(x):  # both halves' pooled features of the un-augmented image in Lab, at the training scale
+        return raw_model.features(lab_input(lab_at(x, S)))
 
     shown = next(iter(data.eval_batches("test", cfg.show)))[0]  # the same test images in every PNG
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
         log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
-                   **pretext_metrics(raw_model, data, bins, cfg.l_bins, rt)})
+                   **pretext_metrics(raw_model, data, bins, cfg.l_bins, rt, S)})
         if rt.is_main:
-            save_predictions(raw_model, shown, bins, cfg.l_bins, cfg.temperature,
+            save_predictions(raw_model, shown, bins, cfg.l_bins, cfg.temperature, S,
                              os.path.join(cfg.out_dir, f"splitbrain_epoch{epoch:04d}.png"))
 
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
@@ -296,7 +270,7 @@ def train(cfg: Config) -> dict:
         ab_target, l_target = lab_targets(lab, bins, cfg.l_bins)  # (B, S/4, S/4) each
         with rt.autocast():
             ab_logits, l_logits = model(lab_input(lab))  # (B, Q_ab, S/4, S/4), (B, Q_L, S/4, S/4)
-        # each process averages over its own pixels; DDP's gradient average makes it the global mean
+        # each process averages over its own images; DDP's gradient average makes it the global mean
         loss = split_brain_loss(ab_logits, ab_target, l_logits, l_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -316,15 +290,16 @@ def train(cfg: Config) -> dict:
 
     if rt.is_main:  # both halves' trunks (conv1 reads L, resp. ab) and the final predictions, before the last
         # collectives below, so that no process leaves train() while the main one still writes files
-        torch.save({"l_to_ab": raw_model.l_to_ab.backbone.state_dict(), "ab_to_l": raw_model.ab_to_l.backbone.state_dict()},
-                   os.path.join(cfg.out_dir, "encoder.pt"))
-        save_predictions(raw_model, shown, bins, cfg.l_bins, cfg.temperature, os.path.join(cfg.out_dir, "splitbrain.png"))
+        torch.save({"l_to_ab": raw_model.l_to_ab.backbone.state_dict(),
+                    "ab_to_l": raw_model.ab_to_l.backbone.state_dict()}, os.path.join(cfg.out_dir, "encoder.pt"))
+        save_predictions(raw_model, shown, bins, cfg.l_bins, cfg.temperature, S,
+                         os.path.join(cfg.out_dir, "splitbrain.png"))
     metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
-    pretext = pretext_metrics(raw_model, data, bins, cfg.l_bins, rt)
+    pretext = pretext_metrics(raw_model, data, bins, cfg.l_bins, rt, S)
     common.print0(f"ab-bin top-1 {pretext['ab_top1']:.4f} | L-bin top-1 {pretext['l_top1']:.4f} (test images)")
-    results = {"method": "splitbrain", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, **pretext, "ab_bins": len(bins), "train_seconds": round(log.train_seconds, 1),
-               "images_per_second": round(log.images_per_second(), 1)}
+    results = {"method": "splitbrain", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
+               "steps": stop_step, **metrics, **pretext, "ab_bins": len(bins),
+               "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1)}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

@@ -1,11 +1,12 @@
-"""colorization.py: the ab gamut, soft encoding, rebalancing, annealed mean and loss against hand
-computation, and the training loop's contract on CPU."""
+"""colorization.py (and common.py's colour section it uses): the ab gamut, soft encoding, grey images,
+rebalancing, annealed mean and loss against hand computation, and the training loop's contract on CPU."""
 
 import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
@@ -28,10 +29,10 @@ def in_gamut(ab, L_step):
 
 
 def test_ab_bins_are_exactly_the_in_gamut_grid_centres():
-    bins = colorization.ab_bins(10.0)
+    bins = common.ab_bins(10.0)
     assert len(bins) == N_BINS
     assert torch.equal(bins, (bins / 10).round() * 10)  # centres on the grid of 10
-    assert in_gamut(bins, 0.05).all()  # every kept bin is a displayable colour at some L (L twice as fine as the file's)
+    assert in_gamut(bins, 0.05).all()  # every kept bin is a displayable colour at some L (L twice as fine)
     side = torch.arange(-150, 151, 10.0)
     grid = torch.cartesian_prod(side, side)
     kept = (grid[:, None] == bins[None]).all(2).any(1)
@@ -39,9 +40,10 @@ def test_ab_bins_are_exactly_the_in_gamut_grid_centres():
 
 
 def test_every_srgb_colour_is_within_a_bin_width_of_a_bin():
-    bins = colorization.ab_bins(10.0)
+    bins = common.ab_bins(10.0)
     torch.manual_seed(0)
-    rgb = torch.cat([torch.rand(1, 3, 200, 200).flatten(2), torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * 3).T[None]], 2)
+    corners = torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * 3).T[None]  # (1, 3, 8)
+    rgb = torch.cat([torch.rand(1, 3, 200, 200).flatten(2), corners], 2)
     ab = common.rgb_to_lab(rgb[..., None])[0, 1:, :, 0].T  # (n, 2) incl. the cube's corners
     assert torch.cdist(ab, bins).min(1).values.max() < 10
 
@@ -50,8 +52,9 @@ def test_every_srgb_colour_is_within_a_bin_width_of_a_bin():
 
 
 def test_soft_encoding_at_a_bin_centre_by_hand():
-    bins = colorization.ab_bins(10.0)
-    target = colorization.soft_encode(torch.tensor([0.0, 0.0]).view(1, 2, 1, 1), bins, neighbours=5, sigma=5.0)[0, :, 0, 0]
+    bins = common.ab_bins(10.0)
+    grey = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)
+    target = colorization.soft_encode(grey, bins, neighbours=5, sigma=5.0)[0, :, 0, 0]
     # nearest: (0, 0) at distance 0; then its 4 grid neighbours at distance 10: weights exp(-100 / 50) = e^-2
     z = 1 + 4 * math.exp(-2)
     expected = {(0.0, 0.0): 1 / z, (10.0, 0.0): math.exp(-2) / z, (-10.0, 0.0): math.exp(-2) / z,
@@ -63,7 +66,7 @@ def test_soft_encoding_at_a_bin_centre_by_hand():
 
 
 def test_soft_encoding_sums_to_one_and_peaks_at_the_nearest_bin():
-    bins = colorization.ab_bins(10.0)
+    bins = common.ab_bins(10.0)
     torch.manual_seed(0)
     ab = common.rgb_to_lab(torch.rand(3, 3, 6, 5))[:, 1:]  # (3, 2, 6, 5) real colours
     target = colorization.soft_encode(ab, bins, neighbours=5, sigma=5.0)  # (3, Q, 6, 5)
@@ -84,7 +87,7 @@ def test_soft_encoding_sums_to_one_and_peaks_at_the_nearest_bin():
 
 
 def test_rebalance_weights_have_expectation_one_under_the_prior():
-    bins = colorization.ab_bins(10.0)
+    bins = common.ab_bins(10.0)
     torch.manual_seed(0)
     prior = torch.rand(len(bins)) ** 4
     prior /= prior.sum()
@@ -104,17 +107,17 @@ def test_rebalance_weights_have_expectation_one_under_the_prior():
 
 
 def test_annealed_mean_is_the_mean_at_t1_and_the_mode_as_t_goes_to_0():
-    bins = colorization.ab_bins(10.0)
+    bins = common.ab_bins(10.0)
     torch.manual_seed(0)
     logits = torch.rand(2, len(bins), 3, 4)
     logits.scatter_add_(1, torch.randint(len(bins), (2, 1, 3, 4)), torch.full((2, 1, 3, 4), 2.0))  # a clear mode
     p = logits.softmax(1)
     mean = torch.einsum("bqhw,qc->bchw", p, bins)
-    torch.testing.assert_close(colorization.annealed_mean(logits, bins, 1.0), mean)
+    torch.testing.assert_close(common.annealed_mean(logits, bins, 1.0), mean)
     mode = bins[logits.argmax(1)].permute(0, 3, 1, 2)  # (2, 2, 3, 4)
-    torch.testing.assert_close(colorization.annealed_mean(logits, bins, 1e-3), mode, atol=1e-3, rtol=0)
+    torch.testing.assert_close(common.annealed_mean(logits, bins, 1e-3), mode, atol=1e-3, rtol=0)
     # in between: T = 0.38 lies closer to the mode than the mean does
-    mid = colorization.annealed_mean(logits, bins, 0.38)
+    mid = common.annealed_mean(logits, bins, 0.38)
     assert ((mid - mode).norm(dim=1) <= (mean - mode).norm(dim=1) + 1e-4).all()
 
 
@@ -127,17 +130,80 @@ def test_loss_hand_computed():
     weights = torch.tensor([[[2.0, 0.5]]])
     lse0, lse1 = math.log(math.e + math.e**2 + 1), math.log(2 + math.e**3)
     ce0, ce1 = -(0.5 * (1 - lse0) + 0.5 * (2 - lse0)), -(3 - lse1)
-    expected = (2.0 * ce0 + 0.5 * ce1) / 2
+    expected = 2.0 * ce0 + 0.5 * ce1  # summed over the image's pixels (paper Eq. 2)
     assert colorization.colorization_loss(logits, target, weights).item() == pytest.approx(expected, rel=1e-6)
     assert colorization.colorization_loss(logits, target, torch.zeros(1, 1, 2)).item() == 0
+    # averaged over the images, grey ones (weight 0) included: the official loss layer divides by the batch
+    two = colorization.colorization_loss(logits.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1),
+                                         torch.cat([weights, torch.zeros(1, 1, 2)]))
+    assert two.item() == pytest.approx(expected / 2, rel=1e-6)
 
 
-def test_colorizer_reads_one_channel_and_predicts_at_quarter_resolution():
-    model = colorization.Colorizer("tiny", True, 229)
+# ------------------------------------------------------------------------------------- grey images
+
+
+def test_has_colour_is_the_official_threshold_on_every_a_and_b_of_the_grid():
+    ab = torch.zeros(4, 2, 3, 3)
+    ab[0, 0] = 5.0  # |a| = 5 everywhere: not above the threshold, grey
+    ab[1, 1, 2, 2] = -5.01  # a single b below -5: colour
+    ab[2, 0, 0, 1] = 5.01  # a single a above 5: colour
+    ab[3] = torch.tensor([4.0, -4.0]).view(2, 1, 1)  # |a|, |b| = 4 everywhere (|ab| = 5.7): grey
+    assert colorization.has_colour(ab, 5.0).tolist() == [False, True, True, False]
+    assert colorization.has_colour(ab, 3.0).tolist() == [True, True, True, True]
+
+
+def test_training_gives_grey_images_no_loss(tmp_path, monkeypatch):
+    """The official NonGrayMaskLayer: the pixels of a grey image get weight 0; colour images keep theirs."""
+    real_view, real_loss, seen = colorization.colorization_view, colorization.colorization_loss, []
+
+    def half_grey(x, cfg):  # every other image of the batch loses its colour
+        v = real_view(x, cfg)
+        v[0::2] = v[0::2].mean(1, keepdim=True).expand(-1, 3, -1, -1)
+        return v
+
+    def loss(logits, target, weights):
+        seen.append(weights.detach().clone())
+        return real_loss(logits, target, weights)
+
+    monkeypatch.setattr(colorization, "colorization_view", half_grey)
+    monkeypatch.setattr(colorization, "colorization_loss", loss)
+    colorization.train(tiny(colorization.Config, tmp_path, max_steps=2, probe_epochs=0))
+    assert len(seen) == 2
+    for w in seen:  # (B, 8, 8)
+        assert (w[0::2] == 0).all()
+        assert (w[1::2].flatten(1) > 0).all(1).float().mean() > 0.9  # synthetic images are nearly all colourful
+
+
+def test_the_network_reads_one_channel_and_predicts_at_quarter_resolution():
+    model = common.PixelClassifier("tiny", True, 1, 229)  # what train() builds
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 229, 8, 8)
     assert model.backbone(torch.randn(2, 1, 32, 32)).shape == (2, 128)
-    r18 = colorization.Colorizer("resnet18", True, 229)
+    r18 = common.PixelClassifier("resnet18", True, 1, 229)
     assert r18.backbone.conv1.in_channels == 1 and r18.backbone.conv1.kernel_size == (3, 3)
+    assert r18(torch.randn(2, 1, 64, 64)).shape == (2, 229, 16, 16)
+    big = common.PixelClassifier("resnet18", False, 1, 229)  # the ImageNet stem: the trunk ends at 1/32
+    assert big.backbone.conv1.kernel_size == (7, 7) and big(torch.randn(1, 1, 96, 96)).shape == (1, 229, 24, 24)
+
+
+def test_features_take_uint8_images_at_the_data_size_and_see_them_at_image_size(tmp_path, monkeypatch):
+    """As rotnet.py: the evaluated trunk sees the images at the training scale (image_size), whatever
+    the data's size; linear_eval feeds crops at the test images' side."""
+    got = {}
+
+    def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
+        got.update(model=model, features=features, data=data)
+        return {"knn_top1": 0.0, "probe_top1": None, "linear_top1": None}
+
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    colorization.train(tiny(colorization.Config, tmp_path, image_size=64, max_steps=1, probe_epochs=0))
+    x = got["data"].test[0][:4]  # uint8 (4, 3, 32, 32)
+    assert x.shape[-1] == 32 and x.dtype == torch.uint8
+    model = got["model"].eval()
+    with torch.no_grad():
+        up = F.interpolate(common.to_float(x), size=(64, 64), mode="bilinear", antialias=True)
+        expected = model.backbone(common.rgb_to_lab(up)[:, :1] / 50 - 1)
+        torch.testing.assert_close(got["features"](x), expected)
+        assert got["features"](x[:3, :, :24, :24]).shape == expected[:3].shape  # any batch, any side
 
 
 def test_config_rejects_impossible_values():
@@ -170,7 +236,7 @@ def test_colour_metrics_of_a_perfect_predictor(tmp_path):
     cfg = tiny(colorization.Config, tmp_path)
     rt = common.setup(cfg)
     data = common.load_data(cfg, rt)
-    bins = colorization.ab_bins(cfg.grid)
+    bins = common.ab_bins(cfg.grid)
     truth = [colorization.soft_encode(colorization.split_lab(common.rgb_to_lab(common.to_float(x)))[1], bins)
              for x, _ in data.eval_batches("test", 500)]  # the batches colour_metrics will see, in order
 
@@ -178,6 +244,6 @@ def test_colour_metrics_of_a_perfect_predictor(tmp_path):
         def forward(self, L):
             return 50 * truth.pop(0).clamp(min=1e-12).log()  # (b, Q, h, w): argmax = nearest bin, sharp
 
-    got = colorization.colour_metrics(Oracle(), data, bins, rt, cfg.temperature)
+    got = colorization.colour_metrics(Oracle(), data, bins, rt, cfg.temperature, cfg.image_size)
     assert not truth and got["color_top1"] == 1.0
     assert 0.9 < got["color_auc"] < 1  # errors left: bin rounding and the 1/4-resolution prediction

@@ -1,5 +1,5 @@
 """splitbrain.py: the split of the input channels between the halves, quantization, the loss against
-hand computation, and the training loop's contract on CPU."""
+hand computation, evaluation at the training scale, and the training loop's contract on CPU."""
 
 import math
 import os
@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run
+from conftest import ROOT, assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
-import colorization
 import common
 import splitbrain
 
@@ -58,25 +57,30 @@ def test_quantization_round_trip_within_a_bin_width():
         assert q.min() >= 0 and q.max() <= n_bins - 1
         back = splitbrain.l_centres(n_bins)[q, 0]  # (1, 1, n)
         assert (back - L[:, 0]).abs().max() <= width / 2 + 1e-4
-    assert splitbrain.quantize_l(torch.tensor([0.0, 1.99, 2.0, 100.0]).view(1, 1, 1, 4), 50).flatten().tolist() == [0, 0, 1, 49]
-    bins = splitbrain.ab_bins(10.0)
-    rgb = torch.cat([torch.rand(1, 3, 100, 100).flatten(2), torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * 3).T[None]], 2)
+    edges = torch.tensor([0.0, 1.99, 2.0, 100.0]).view(1, 1, 1, 4)
+    assert splitbrain.quantize_l(edges, 50).flatten().tolist() == [0, 0, 1, 49]
+    bins = common.ab_bins(10.0)
+    corners = torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * 3).T[None]  # (1, 3, 8)
+    rgb = torch.cat([torch.rand(1, 3, 100, 100).flatten(2), corners], 2)
     ab = common.rgb_to_lab(rgb[..., None])[:, 1:]  # (1, 2, n, 1): sRGB colours and the cube's corners
     back = bins[splitbrain.quantize_ab(ab, bins)].permute(0, 3, 1, 2)  # (1, 2, n, 1)
     assert (back - ab).norm(dim=1).max() < 10  # within one bin width of the grid
     centres = bins.T.reshape(1, 2, -1, 1)
-    assert torch.equal(splitbrain.quantize_ab(centres, bins).flatten(), torch.arange(len(bins)))  # centres are fixed points
+    assert torch.equal(splitbrain.quantize_ab(centres, bins).flatten(), torch.arange(len(bins)))  # fixed points
 
 
-def test_ab_bins_are_colorizations():
-    bins = splitbrain.ab_bins(10.0)
-    assert len(bins) == 229 and torch.equal(bins, colorization.ab_bins(10.0))
+def test_the_file_needs_only_common_and_torch():
+    """splitbrain.py + common.py is all a copy needs: the colour machinery it shares with colorization.py
+    (ab bins, annealed mean, the pixel classifier) lives in common.py, not in another method file."""
+    source = open(os.path.join(ROOT, "splitbrain.py")).read()
+    imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
+    assert imports == {"dataclasses", "os", "torch", "common"}
 
 
 def test_targets_of_a_flat_colour_image():
     rgb = torch.tensor([0.8, 0.3, 0.1]).view(1, 3, 1, 1).expand(2, 3, 16, 16)
     lab = common.rgb_to_lab(rgb)
-    bins = splitbrain.ab_bins(10.0)
+    bins = common.ab_bins(10.0)
     ab_t, l_t = splitbrain.lab_targets(lab, bins, 50)
     assert ab_t.shape == l_t.shape == (2, 4, 4)
     L, a, b = lab[0, :, 0, 0].tolist()
@@ -97,7 +101,9 @@ def test_loss_hand_computed():
     torch.manual_seed(0)
     a, b = torch.randn(2, 229, 3, 3), torch.randn(2, 50, 3, 3)
     ta, tb = torch.randint(229, (2, 3, 3)), torch.randint(50, (2, 3, 3))
-    torch.testing.assert_close(splitbrain.split_brain_loss(a, ta, b, tb), F.cross_entropy(a, ta) + F.cross_entropy(b, tb))
+    # each half's cross-entropy summed over the 3 x 3 pixels of an image (paper Eq. 2), averaged over the 2 images
+    expected = 9 * (F.cross_entropy(a, ta) + F.cross_entropy(b, tb))
+    torch.testing.assert_close(splitbrain.split_brain_loss(a, ta, b, tb), expected)
 
 
 def test_annealed_mean_limits():
@@ -105,10 +111,31 @@ def test_annealed_mean_limits():
     centres = splitbrain.l_centres(50)
     logits = torch.rand(2, 50, 3, 3)
     logits.scatter_add_(1, torch.randint(50, (2, 1, 3, 3)), torch.full((2, 1, 3, 3), 2.0))  # a clear mode
-    torch.testing.assert_close(splitbrain.annealed_mean(logits, centres, 1.0),
+    torch.testing.assert_close(common.annealed_mean(logits, centres, 1.0),
                                torch.einsum("bqhw,qc->bchw", logits.softmax(1), centres))
     mode = centres[logits.argmax(1), 0][:, None]  # (2, 1, 3, 3)
-    torch.testing.assert_close(splitbrain.annealed_mean(logits, centres, 1e-3), mode, atol=1e-3, rtol=0)
+    torch.testing.assert_close(common.annealed_mean(logits, centres, 1e-3), mode, atol=1e-3, rtol=0)
+
+
+def test_features_take_uint8_images_at_the_data_size_and_see_them_at_image_size(tmp_path, monkeypatch):
+    """As rotnet.py: both halves see the images at the training scale (image_size), whatever the data's
+    size; linear_eval feeds crops at the test images' side."""
+    got = {}
+
+    def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
+        got.update(model=model, features=features, data=data)
+        return {"knn_top1": 0.0, "probe_top1": None, "linear_top1": None}
+
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    splitbrain.train(tiny(splitbrain.Config, tmp_path, image_size=64, max_steps=1, probe_epochs=0))
+    x = got["data"].test[0][:4]  # uint8 (4, 3, 32, 32)
+    assert x.shape[-1] == 32 and x.dtype == torch.uint8
+    model = got["model"].eval()
+    with torch.no_grad():
+        lab = common.rgb_to_lab(F.interpolate(common.to_float(x), size=(64, 64), mode="bilinear", antialias=True))
+        expected = torch.cat([model.l_to_ab.backbone(lab[:, :1] / 50 - 1), model.ab_to_l.backbone(lab[:, 1:] / 110)], 1)
+        torch.testing.assert_close(got["features"](x), expected)
+        assert got["features"](x[:3, :, :24, :24]).shape == expected[:3].shape  # any batch, any side
 
 
 def test_config_rejects_impossible_values():
