@@ -6,19 +6,19 @@ A region of each image is removed (filled with the mean colour) and an encoder-d
 it back from the context around it, under a masked L2 reconstruction loss (paper Sec. 3.2). Encoder
 and decoder are joined by a channel-wise fully-connected layer (Sec. 3.1), so that every painted
 pixel can depend on the whole image. To fill the hole well the encoder must understand what the
-image shows; its features are the representation. F paints a region slightly larger than the hole:
-squared errors in the band where it overlaps the visible context weigh 10 times as much (Sec. 4).
-Two recipes:
+image shows; its features are the representation. Two recipes:
   features (the default): random-region holes and the L2 loss alone. A central hole teaches features
       that latch onto the hole's boundary (Sec. 3.3), so the paper's feature experiments use random
       regions, trained with the reconstruction loss only (Sec. 5.2; official README: the released
       features are "trained with reconstruction loss");
-  inpainting (--mask=center --adv_weight=0.001): the central hole and the joint loss 0.999 L2 + 0.001
-      adversarial, where a DCGAN discriminator D tells real regions from painted ones and D and F take
-      Adam steps in turns (official train.lua): sharper pictures in inpainting*.png.
+  inpainting (--mask=center --overlap=1 --adv_weight=0.001): the central hole, the joint loss 0.999 L2
+      + 0.001 adversarial, where a DCGAN discriminator D tells real regions from painted ones and D and
+      F take Adam steps in turns, and F painting a region slightly larger than the hole, its squared
+      errors in the band where it overlaps the visible context weighing 10 times as much (Sec. 4,
+      official train.lua): sharper pictures in inpainting*.png.
 
     python inpainting.py                                         # 1 GPU: CIFAR-10, the feature recipe
-    python inpainting.py --mask=center --adv_weight=0.001        # the inpainting recipe, with D
+    python inpainting.py --mask=center --overlap=1 --adv_weight=0.001   # the inpainting recipe, with D
     torchrun --standalone --nproc_per_node=8 inpainting.py       # 8 GPUs, same global batch of 64
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 inpainting.py
     python inpainting.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=64   # CPU smoke run
@@ -41,7 +41,7 @@ Departures from the sources (P: the paper, arXiv v2; C: the official Torch code,
 | image, region | - | 128 px, central 64 px (C train.lua) | 32 px, central 16 px |
 | random regions | VOC shapes, <= 1/4 (P Sec. 3.3) | noise, 20-30%, batch-wide (C train_random.lua) | 1/4, per image |
 | random blocks | features as good as regions' (P Sec. 3.3) | - | not offered |
-| hole in region | 7 px overlap (P Sec. 4) | hole 56 of 64 px (C README: overlapPred=4) | hole 14 of 16 px |
+| overlap band | 7 px (P Sec. 4) | center 4 px: hole 56 of 64; regions 0 (C README) | center 1 px: 14 of 16; regions 0 |
 | L2 over | the dropped region (P Sec. 3.2) | region; whole image (C train_random.lua) | region, band 10x (as C) |
 | loss | L2 alone for features (P Sec. 5.2) | 0.999 L2 + 0.001 adversarial (C README) | as P; as C: a flag |
 | lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C (L2 alone: F 2e-4) |
@@ -79,7 +79,7 @@ class Config:
     d_width: int = 64  # discriminator's first conv width (DCGAN's ndf, official code), if adv_weight > 0
     # method
     mask: str = "regions"  # regions (the paper's for features) | center (for pictures): a quarter of the image
-    overlap: int = 1  # px of the predicted region's band that F still sees (official 4 px at 128 px, scaled to 32)
+    overlap: int = 0  # px of the region's band that F sees: 0 (official random regions); center 1 (4 of 128 px)
     overlap_weight: float = 10.0  # weight of squared errors in that band (official code), 1 in the hole
     adv_weight: float = 0.0  # lambda_adv; lambda_rec = 1 - it. 0: L2 alone (paper Sec. 5.2); 0.001: the joint loss
     crop_min: float = 0.5  # smallest area fraction of the random resized crop (plus a random flip)

@@ -19,7 +19,7 @@ import common
 import inpainting
 
 SMALL_D = dict(d_width=16)  # a narrower discriminator than DCGAN's 64 keeps the CPU runs short
-JOINT = dict(mask="center", adv_weight=0.001, **SMALL_D)  # the inpainting recipe: central hole, L2 + adversarial
+JOINT = dict(mask="center", overlap=1, adv_weight=0.001, **SMALL_D)  # the inpainting recipe: central hole, L2 + adv.
 
 
 def test_defaults_are_the_feature_recipe():
@@ -27,9 +27,10 @@ def test_defaults_are_the_feature_recipe():
     features come from the reconstruction loss alone. The inpainting recipe stays a flag away."""
     cfg = inpainting.Config()
     assert cfg.mask == "regions" and cfg.adv_weight == 0
+    assert cfg.overlap == 0  # train_random.lua's README command: useOverlapPred=0
     assert {"center", "regions"} == set(inpainting.MASKS)
-    joint = inpainting.Config(**JOINT)
-    assert joint.mask == "center" and joint.adv_weight == 0.001
+    joint = inpainting.Config(**JOINT)  # train.lua's README command: overlapPred=4 at 128 px, wtl2=0.999
+    assert joint.mask == "center" and joint.overlap == 1 and joint.adv_weight == 0.001
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -113,7 +114,7 @@ def test_training_step_removes_the_hole_and_weighs_the_region_as_train_lua(tmp_p
 
     monkeypatch.setattr(inpainting, "ContextEncoder", RecordedF)
     monkeypatch.setattr(inpainting, "reconstruction_loss", recorded_loss)
-    inpainting.train(tiny(inpainting.Config, tmp_path, mask="center", adv_weight=0.0, max_steps=1, probe_epochs=0))
+    inpainting.train(tiny(inpainting.Config, tmp_path, mask="center", overlap=1, max_steps=1, probe_epochs=0))
     (x,), ((pred, target, loss),) = inputs, losses
     img = common.normalize((target + 1) / 2)  # the un-masked view F's input was made from, standardized
     hole = torch.zeros(1, 1, 32, 32)
