@@ -3,25 +3,24 @@
 He, Fan, Wu, Xie, Girshick. CVPR 2020. arXiv:1911.05722 (MoCo v1).
 Chen, Fan, Girshick, He. "Improved Baselines with Momentum Contrastive Learning", 2020. arXiv:2003.04297 (v2).
 
-Contrastive learning as dictionary look-up: a query q = f_q(t(x)) must match its key k+ = f_k(t'(x))
-(another crop of the same image) among K negative keys held in a queue (paper Eq. 1, InfoNCE). The
-queue holds the keys of the last K / N batches: it decouples the number of negatives from the batch
-size. Its keys must stay consistent although they were encoded by earlier encoders, so the key
-encoder f_k gets no gradient and follows the query encoder slowly, theta_k <- m theta_k + (1 - m)
-theta_q (Eq. 2). After each step the batch's keys are enqueued and the oldest are dequeued. BatchNorm
-would let a query find its key through batch statistics they share, so the keys are encoded in a
-shuffled order ("shuffling BN", Sec. 3.3). MoCo v2 adds an MLP head, SimCLR-like augmentation (plus
-blur on ImageNet) and a cosine schedule; v1 has a linear head and InstDisc's weaker augmentation.
+Contrastive learning as dictionary look-up: a query q = f_q(x_q) must match its key k+ = f_k(x_k)
+(another augmentation of the same image) among K negative keys held in a queue (Eq. 1, InfoNCE).
+The queue holds the keys of the last K / N batches: it decouples the number of negatives from the
+batch size. Its keys must stay consistent although earlier encoders made them, so the key encoder
+f_k gets no gradient and follows the query encoder slowly, theta_k <- m theta_k + (1 - m) theta_q
+(Eq. 2). A training step is the paper's Algorithm 1: augment, encode queries, encode keys without
+gradient, InfoNCE, update f_q, momentum-update f_k, enqueue the keys and dequeue the oldest.
+MoCo v2 adds an MLP head, SimCLR-like augmentation (plus blur on ImageNet) and a cosine schedule.
 
-BatchNorm: under torchrun each process normalizes its own queries (per-process statistics, as the
-paper; not SyncBatchNorm) and encodes the keys of a random part of the global batch, so a query and
-its key never share batch statistics. SyncBatchNorm would not help (as MoCo's authors note): every
-query and key would share the statistics of the same whole batch. The key encoder is never
-converted. On one process there is nothing to shuffle across, so, as the official CIFAR-10 demo,
-BN statistics come from 8 groups of the batch (SplitBatchNorm below, the "GPUs") and keys are
-shuffled across the groups; the demo reports that dropping the shuffle costs 4% at 800 epochs.
+Shuffling BN (Sec. 3.3): BatchNorm would let a query find its key through the batch statistics they
+share, so the keys are encoded in a shuffled order: each GPU normalizes its own queries but the keys
+of a random part of the global batch. Under torchrun each process is such a GPU (no SyncBatchNorm,
+which would give every query and key the statistics of the same whole batch); on one process, as in
+the official CIFAR-10 demo, BatchNorm runs on groups of the batch that play the GPUs (SplitBatchNorm,
+groups of batch / bn_splits images) and the keys are shuffled across the groups. The demo reports
+that dropping the shuffle costs 4% at 800 epochs.
 
-    python moco.py                                               # 1 GPU: CIFAR-10, MoCo v2, the demo's recipe
+    python moco.py                                               # 1 GPU: CIFAR-10, the demo's recipe, v2 head
     python moco.py --symmetric                                   # the demo's symmetric loss (its best numbers)
     python moco.py --version=1                                   # MoCo v1: linear head, v1 augmentation
     torchrun --standalone --nproc_per_node=8 moco.py             # 8 GPUs, same global batch of 512, shuffled BN
@@ -31,22 +30,34 @@ shuffled across the groups; the demo reports that dropping the shuffle costs 4% 
         --arch=resnet50 --batch_size=256 --lr=0.03 --weight_decay=1e-4 --epochs=200 --queue_size=65536 \
         --key_momentum=0.999 --temperature=0.2 --crop_min=0.2 --blur       # the paper's ImageNet MoCo v2
 
-Defaults follow the official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb):
-ResNet-18 with CIFAR stem, 128-d output, queue 4096, key momentum 0.99, temperature 0.1, SGD with
-momentum 0.9 and lr 0.06 at batch 512 (0.03 per 256 images), weight decay 5e-4 on all parameters,
-cosine schedule without warmup, the v2 augmentation without blur, BatchNorm split into 8 groups on
-one GPU, asymmetric loss. The demo itself uses a linear head (v1's); version=2 here adds v2's MLP
-head. The demo reports kNN top-1 (on its 128-d head output) of 82.6 / 86.3 / 88.7 at 200 / 400 / 800
-epochs with the asymmetric loss and 85.3 / 88.5 / 89.7 with the symmetric one; its symmetric
-800-epoch model has 90.7% linear top-1. Its own logged run is 200 epochs (82.58%); epochs=800 here.
-ImageNet values (paper): queue 65536, key momentum 0.999, temperature 0.07 (v1) / 0.2 (v2), lr 0.03
-at batch 256, weight decay 1e-4, crop scale (0.2, 1), 200 epochs; v1 there uses a step schedule
-(lr / 10 at epochs 120 and 160): version=1 here keeps the cosine schedule.
-Results of this file: not yet measured (see README).
-Evaluated features: the query encoder's pooled backbone output h (512-d for ResNet-18), not the
-head's output; the probe trains on frozen h of the un-augmented training images and their flips.
+Defaults: the official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb), with
+v2's MLP head in place of its linear one. The demo reports kNN top-1 on its 128-d head output of
+82.6 / 86.3 / 88.7 at 200 / 400 / 800 epochs (asymmetric loss) and 85.3 / 88.5 / 89.7 (symmetric),
+and 90.7% linear top-1 for its symmetric 800-epoch model. Evaluated features: the query encoder's
+pooled backbone output h (512-d for ResNet-18), not the head's output, for knn_top1, probe_top1
+and linear_top1 (common.evaluate). Results of this file: not yet measured (README).
+
+Departures from the sources (P: the v1 / v2 papers; C: the official code, main_moco.py and
+moco/builder.py for ImageNet, D: its CIFAR-10 demo notebook):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| data, trunk | ImageNet, ResNet-50 (P v1 Sec. 4) | D: CIFAR-10, ResNet-18, CIFAR stem | as D |
+| head | v1: fc 128; v2: MLP, 2048 hidden (P v2 Sec. 3) | C: --mlp; D: fc 128 | version 2: MLP, trunk-wide |
+| augmentation | v2: SimCLR's + blur (P v2 Sec. 3) | C: crop (0.2, 1); D: (0.08, 1), no blur | as D |
+| input | - | D: CIFAR-10 mean and std | ImageNet mean and std |
+| K, m, tau | 65536, 0.999, 0.07 / 0.2 (P v1 Sec. 4, v2) | D: 4096, 0.99, 0.1 | as D |
+| batch, lr | 256, SGD 0.03 (P v1 Sec. 4) | D: 512, 0.06 | 0.03 per 256 images, scaled: as D |
+| weight decay | 1e-4 (P v1 Sec. 4) | D: 5e-4 on every parameter | as D |
+| schedule | v1: lr / 10 at 120, 160 of 200; v2: cosine | D: cosine per epoch, the last at lr 0 | cosine per step; 800 |
+| loss | asymmetric (P v1 Alg. 1) | D --symmetric: loss_12 + loss_21, a sum | as P; --symmetric as D |
+| key BN | shuffled across 8 GPUs (P v1 Sec. 3.3) | C: rank 0's randperm, broadcast; D: 8 groups | a shared generator |
+| BN groups | - | D: images i, i + 8, i + 16, ... | contiguous; each crop its own |
+| f_k update | after f_q's step (P v1 Alg. 1) | C: in the next forward, before the keys | as P (the same f_k per key) |
+| evaluation | linear, frozen pool5 (P v1 Sec. 4.1) | D: kNN on the 128-d head output | the three on h (above) |
 """
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -70,7 +81,7 @@ class Config:
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
     version: int = 2  # 2: MLP head + v2 augmentation; 1: linear head + v1 augmentation
     proj_dim: int = 128  # output width of the head: the dimension of queries and keys
-    bn_splits: int = 8  # on one process, BN statistics over this many groups of the batch (the demo's 8 "GPUs")
+    bn_splits: int = 8  # on one process, BN statistics over this many groups of each crop's batch (the demo's)
     # method
     queue_size: int = 4096  # K negative keys, a multiple of the keys enqueued per step (65536 on ImageNet)
     key_momentum: float = 0.99  # m of the key encoder's moving average (0.999 on ImageNet)
@@ -101,12 +112,14 @@ class Config:
         common.check_config(self)
         per_step = self.batch_size * (2 if self.symmetric else 1)  # keys enqueued per step
         if self.queue_size < 1 or self.queue_size % per_step:
-            raise ValueError(f"--queue_size={self.queue_size} is impossible: it must be a multiple of the {per_step} keys "
-                             f"enqueued per step (the global batch{', twice with --symmetric' if self.symmetric else ''})")
+            twice = ", twice with --symmetric" if self.symmetric else ""
+            raise ValueError(f"--queue_size={self.queue_size} is impossible: it must be a multiple of the {per_step} "
+                             f"keys enqueued per step (the global batch{twice})")
         if self.version not in (1, 2) or (self.blur and self.version == 1):
             raise ValueError("--version must be 1 or 2, and --blur belongs to version 2's augmentation")
         if self.bn_splits < 1 or (int(os.environ.get("WORLD_SIZE", 1)) == 1 and self.batch_size % self.bn_splits):
-            raise ValueError(f"--bn_splits={self.bn_splits} is impossible: it must divide --batch_size={self.batch_size}")
+            raise ValueError(f"--bn_splits={self.bn_splits} is impossible: it must divide "
+                             f"--batch_size={self.batch_size}")
         if not 0 <= self.key_momentum <= 1 or self.temperature <= 0 or not 0 < self.crop_min <= 1:
             raise ValueError("--key_momentum must be in [0, 1], --temperature > 0 and --crop_min in (0, 1]")
 
@@ -136,20 +149,21 @@ def moco_view(x, cfg):
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics come from `groups` contiguous equal parts of the batch,
-    each on its own, as if each part were on its own GPU (the official CIFAR-10 demo's SplitBatchNorm).
-    The running statistics are the mean of the parts'; evaluation uses them as BatchNorm2d does."""
+    """BatchNorm2d whose training statistics come from consecutive groups of `group_size` images, each
+    group normalized on its own as if it were on a GPU of its own (the CIFAR demo's SplitBatchNorm,
+    which plays 8 GPUs on one). The running statistics move by the mean of the groups'; evaluation
+    uses them as BatchNorm2d does."""
 
-    def __init__(self, num_features, groups):
+    def __init__(self, num_features, group_size):
         super().__init__(num_features)
-        self.groups = groups
+        self.group_size = group_size
 
     def forward(self, x):
-        if not self.training:
-            return super().forward(x)
         N, C, H, W = x.shape
-        G, n = self.groups, N // self.groups
-        xg = x.view(G, n, C, H, W).transpose(0, 1).reshape(n, G * C, H, W)  # part g -> channels g*C..(g+1)*C-1
+        n, G = self.group_size, N // self.group_size
+        if not self.training or G == 1:
+            return super().forward(x)
+        xg = x.view(G, n, C, H, W).transpose(0, 1).reshape(n, G * C, H, W)  # group g -> channels g*C..(g+1)*C-1
         mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)  # (G*C,) updated in place below
         y = F.batch_norm(xg, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
         with torch.no_grad():
@@ -159,24 +173,24 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return y.view(n, G, C, H, W).transpose(0, 1).reshape(N, C, H, W)  # (N, C, H, W) in input order
 
 
-def split_batchnorm(module, groups):
-    """Replace every BatchNorm2d in module by a fresh SplitBatchNorm with `groups` parts (1: unchanged)."""
+def split_batchnorm(module, group_size):
+    """Replace every BatchNorm2d in module by a fresh SplitBatchNorm with groups of group_size images."""
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and groups > 1:
-            setattr(module, name, SplitBatchNorm(child.num_features, groups))
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, SplitBatchNorm(child.num_features, group_size))
         else:
-            split_batchnorm(child, groups)
+            split_batchnorm(child, group_size)
     return module
 
 
 class MoCoEncoder(nn.Module):
-    """Encoder f (ResNet) and head g: x -> z = g(f(x)), not normalized. The query encoder f_q; the
-    key encoder f_k is a second instance with f_q's weights, moved by the moving average only."""
+    """Encoder f (ResNet) and head g: x -> z = g(f(x)), not normalized; BatchNorm over groups of
+    bn_group_size images. The query encoder f_q; the key encoder f_k is a copy moved by Eq. 2 only."""
 
-    def __init__(self, arch, small_images, proj_dim, mlp, bn_groups):
+    def __init__(self, arch, small_images, proj_dim, mlp, bn_group_size):
         super().__init__()
         backbone, width = common.resnet(arch, small_images)
-        self.backbone = split_batchnorm(backbone, bn_groups)
+        self.backbone = split_batchnorm(backbone, bn_group_size)
         if mlp:  # v2: a 2-layer MLP head without BN (v2 paper Sec. 3); v1: the linear fc layer
             self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
         else:
@@ -205,24 +219,30 @@ def moco_loss(q, k, queue, temperature):
 
 
 # -------------------------------------------------------------------------------------------------
-# method helpers: shuffled keys and the queue
+# method helpers: keys with shuffling BN, and the queue
 
 
 @torch.no_grad()
-def shuffled_keys(key_model, x, seed, rank):
-    """L2-normalized keys of the GLOBAL batch (N, D), in image order, from this process's key crops
-    x (B,3,S,S), encoded in a shuffled order ("shuffling BN", paper Sec. 3.3).
+def all_gather(x):
+    """(B, ...) on each process -> (N, ...), every process's rows in rank order; identity on one.
+    No gradient: under no_grad common.gather_with_grad is a plain all_gather."""
+    return common.gather_with_grad(x)
 
-    Each process encodes a random part of the global batch, so the BN statistics of a key are not
-    those of its query (on one process, SplitBatchNorm's groups play the processes). The
-    permutation comes from `seed`, the same on every process, so no broadcast is needed.
+
+@torch.no_grad()
+def keys_with_shuffling_bn(key_encoder, x_k, perm, rank):
+    """Keys k = f_k(x_k) of this process's key crops x_k (B,3,S,S) -> (B, D), L2-normalized, in
+    x_k's order, encoded in a shuffled order ("shuffling BN", paper Sec. 3.3).
+
+    perm (N,) is a permutation of the global batch, the same on every process: this process encodes
+    the images perm[rank*B:(rank+1)*B], a random part of the global batch, so that a key's BatchNorm
+    statistics are not its query's; the keys then go back to the processes that own their images.
     """
-    x_all = common.gather_with_grad(x)  # (N, 3, S, S): the key crops of every process, in rank order
-    N, B = x_all.shape[0], x.shape[0]
-    perm = torch.randperm(N, generator=torch.Generator(device=x.device).manual_seed(seed), device=x.device)  # (N,)
-    k = F.normalize(key_model(x_all[perm[rank * B:(rank + 1) * B]]).float(), dim=1)  # (B, D): this process's part
-    k_all = common.gather_with_grad(k)  # (N, D) keys of the shuffled global batch: row j is image perm[j]'s
-    return k_all[perm.argsort()]  # (N, D): row i is image i's key again
+    B = x_k.shape[0]
+    x_all = all_gather(x_k)  # (N, 3, S, S): the key crops of the global batch
+    k = F.normalize(key_encoder(x_all[perm.view(-1, B)[rank]]).float(), dim=1)  # (B, D): keys of images in perm's row
+    k_all = all_gather(k)  # (N, D): row j is the key of image perm[j]
+    return k_all[perm.argsort().view(-1, B)[rank]]  # (B, D): the keys of this process's own images, in order
 
 
 @torch.no_grad()
@@ -244,24 +264,21 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017): 0.03 per 256 = the demo's 0.06 at 512
-    views = 2 if cfg.symmetric else 1  # query crops per image
-    groups = cfg.bn_splits if rt.world_size == 1 else 1  # BN groups per view and process
-    bn = f"{groups} BN groups, keys shuffled across them" if rt.world_size == 1 else \
+    B = cfg.batch_size // rt.world_size  # images per process
+    bn_group = B // cfg.bn_splits if rt.world_size == 1 else B  # images per BN group: the demo's 64 per "GPU"
+    bn = f"BN groups of {bn_group} images, keys shuffled across them" if rt.world_size == 1 else \
         f"BN per process, keys shuffled across the {rt.world_size} processes, no SyncBatchNorm"
     common.print0(f"moco v{cfg.version}: {total_steps} steps, SGD lr {lr:.3g}, queue {cfg.queue_size}, "
                   f"key momentum {cfg.key_momentum}, temperature {cfg.temperature}, {bn}")
 
-    # Queries keep per-process BN statistics, as the paper (Sec. 3.3), not SyncBatchNorm: each view is
-    # normalized on its own (the demo encodes the two crops in separate passes), hence groups * views.
-    raw_model = MoCoEncoder(cfg.arch, cfg.image_size <= 64, cfg.proj_dim, cfg.version == 2, groups * views).to(rt.device)
-    model = common.compile_and_ddp(raw_model, rt)
-    key_encoder = MoCoEncoder(cfg.arch, cfg.image_size <= 64, cfg.proj_dim, cfg.version == 2, groups).to(rt.device)
-    key_encoder.load_state_dict(raw_model.state_dict())  # f_k starts as f_q
-    key_encoder.requires_grad_(False)  # and never gets a gradient: only the moving average moves it
+    raw_model = MoCoEncoder(cfg.arch, cfg.image_size <= 64, cfg.proj_dim, cfg.version == 2, bn_group).to(rt.device)
+    model = common.compile_and_ddp(raw_model, rt)  # f_q
+    key_encoder = copy.deepcopy(raw_model).requires_grad_(False)  # f_k starts as f_q and never gets a gradient
     key_model = torch.compile(key_encoder) if rt.compile else key_encoder  # not DDP: it has nothing to reduce
     queue = F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim, generator=torch.Generator().manual_seed(cfg.seed)),
                         dim=1).to(rt.device)  # (K, D) random unit keys until real ones arrive, as the official code
     queue_ptr = 0  # position of the oldest key: a plain int, known on the host without a sync
+    shuffler = torch.Generator(rt.device).manual_seed(cfg.seed)  # the same on every process: no broadcast needed
     # plain SGD with weight decay on every parameter (BN and biases too), as the official code and demo
     opt = torch.optim.SGD(raw_model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     start_step = 0
@@ -270,8 +287,12 @@ def train(cfg: Config) -> dict:
         key_encoder.load_state_dict(state["key_encoder"])
         queue.copy_(state["queue"])
         queue_ptr = state["queue_ptr"]
+        shuffler.set_state(state["key_shuffle"].cpu())
         opt.load_state_dict(state["opt"])
         start_step = state["step"]
+
+    def shuffle():  # a permutation of the N images of the global batch, the same on every process
+        return torch.randperm(cfg.batch_size, generator=shuffler, device=rt.device)
 
     def features(x):  # the representation h = f_q(x) of un-augmented uint8 images
         return raw_model.backbone(common.normalize(common.to_float(x)))
@@ -286,25 +307,23 @@ def train(cfg: Config) -> dict:
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
-        x1, x2 = moco_view(x, cfg), moco_view(x, cfg)  # (B, 3, S, S) each: query crop t(x), key crop t'(x)
-        B = x.shape[0]
-        mine = slice(rt.rank * B, (rt.rank + 1) * B)  # this process's rows of the global batch
-        seed = (cfg.seed * 1_000_003 + step) * 2  # the key shuffles of this step, the same on every process
-        with rt.autocast():
-            q = model(torch.cat([x1, x2]) if cfg.symmetric else x1)  # (views*B, proj_dim)
-            k2 = shuffled_keys(key_model, x2, seed, rt.rank)  # (N, proj_dim): keys of the global batch
-            k1 = shuffled_keys(key_model, x1, seed + 1, rt.rank) if cfg.symmetric else None
-        q = F.normalize(q.float(), dim=1)  # (views*B, proj_dim) on the unit sphere
-        loss = moco_loss(q[:B], k2[mine], queue, cfg.temperature)  # per-process mean; DDP averages the gradients
+        x_q, x_k = moco_view(x, cfg), moco_view(x, cfg)  # (B, 3, S, S) each: two random augmentations of x
+        with rt.autocast():  # --symmetric: x_k is a query too, with x_q's key as its positive
+            q = model(torch.cat([x_q, x_k]) if cfg.symmetric else x_q)  # (V*B, D) queries; BN groups within a crop
+            k = keys_with_shuffling_bn(key_model, x_k, shuffle(), rt.rank)  # (B, D) keys of x_k, no gradient
+            k_q = keys_with_shuffling_bn(key_model, x_q, shuffle(), rt.rank) if cfg.symmetric else None
+        q = F.normalize(q.float(), dim=1)  # (V*B, D) on the unit sphere
+        loss = moco_loss(q[:B], k, queue, cfg.temperature)  # per-process mean; DDP averages the gradients
         if cfg.symmetric:  # the demo's symmetric loss is the sum of both directions
-            loss = loss + moco_loss(q[B:], k1[mine], queue, cfg.temperature)
+            loss = loss + moco_loss(q[B:], k_q, queue, cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt.step()  # update f_q
         common.ema_update(key_encoder, raw_model, cfg.key_momentum)  # theta_k <- m theta_k + (1 - m) theta_q (Eq. 2)
-        queue_ptr = enqueue(queue, queue_ptr, torch.cat([k1, k2]) if cfg.symmetric else k2)  # global: one queue everywhere
+        new_keys = all_gather(torch.cat([k_q, k]) if cfg.symmetric else k)  # (V*N, D): every process's keys
+        queue_ptr = enqueue(queue, queue_ptr, new_keys)  # enqueue them over the oldest: one queue everywhere
         z_std = q[:B].detach().std(0).mean()  # collapse monitor: ~1/sqrt(D) healthy, 0 collapsed
-        pos_cos = (q[:B].detach() * k2[mine]).sum(1).mean()  # mean cos(q, k+)
+        pos_cos = (q[:B].detach() * k).sum(1).mean()  # mean cos(q, k+)
         log.step(step, loss=loss, lr=lr_now, z_std=z_std, pos_cos=pos_cos)
 
         if (step + 1) % steps_per_epoch == 0 or step + 1 == stop_step:  # end of an epoch, or of the run
@@ -314,15 +333,15 @@ def train(cfg: Config) -> dict:
                     monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "key_encoder": key_encoder.state_dict(), "queue": queue,
-                    "queue_ptr": queue_ptr, "opt": opt.state_dict(), "step": step + 1,
-                    "config": dataclasses.asdict(cfg)}, rt)
+                    "queue_ptr": queue_ptr, "key_shuffle": shuffler.get_state(), "opt": opt.state_dict(),
+                    "step": step + 1, "config": dataclasses.asdict(cfg)}, rt)
 
     metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "moco", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1),
-               "version": cfg.version}
+               **metrics, "train_seconds": round(log.train_seconds, 1),
+               "images_per_second": round(log.images_per_second(), 1), "version": cfg.version}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

@@ -85,45 +85,55 @@ class Recorder(nn.Module):
         return x.flatten(1)[:, :5] * 2 + 1
 
 
-def test_shuffled_keys_encode_a_shuffled_batch_and_return_image_order():
+def test_keys_are_encoded_in_the_shuffled_order_and_returned_in_image_order():
     torch.manual_seed(0)
     x = torch.randn(16, 3, 4, 4)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
     rec = Recorder()
-    keys = moco.shuffled_keys(rec, x, seed=3, rank=0)
+    keys = moco.keys_with_shuffling_bn(rec, x, perm, rank=0)
     torch.testing.assert_close(keys, F.normalize(x.flatten(1)[:, :5] * 2 + 1, dim=1))  # image i keeps its key
     seen = rec.seen[0]
-    assert not torch.equal(seen, x)  # the encoder saw the batch in another order ...
-    order = [int((x - img).flatten(1).abs().sum(1).argmin()) for img in seen]
-    assert sorted(order) == list(range(16)) and torch.equal(seen, x[order])  # ... a permutation of it
-    moco.shuffled_keys(rec, x, seed=3, rank=0)
-    moco.shuffled_keys(rec, x, seed=4, rank=0)
-    assert torch.equal(rec.seen[1], seen) and not torch.equal(rec.seen[2], seen)  # the seed fixes the shuffle
+    assert not torch.equal(seen, x) and torch.equal(seen, x[perm])  # the encoder saw the batch in perm's order
 
 
 def test_split_batchnorm_normalizes_each_group_on_its_own():
     torch.manual_seed(0)
     x = torch.randn(12, 4, 3, 3) * 3 + torch.arange(12.0).view(12, 1, 1, 1)  # groups with different statistics
-    split = moco.SplitBatchNorm(4, groups=3)
+    split = moco.SplitBatchNorm(4, group_size=4)
     nn.init.normal_(split.weight)
     nn.init.normal_(split.bias)
     parts = [nn.BatchNorm2d(4) for _ in range(3)]
     for p in parts:
         p.load_state_dict(split.state_dict())
     y = split(x)
-    torch.testing.assert_close(y, torch.cat([p(c) for p, c in zip(parts, x.chunk(3))]))  # contiguous groups
+    torch.testing.assert_close(y, torch.cat([p(c) for p, c in zip(parts, x.chunk(3))]))  # contiguous groups of 4
     torch.testing.assert_close(split.running_mean, torch.stack([p.running_mean for p in parts]).mean(0))
     torch.testing.assert_close(split.running_var, torch.stack([p.running_var for p in parts]).mean(0))
     plain = nn.BatchNorm2d(4).eval()
     plain.load_state_dict(split.state_dict())
     torch.testing.assert_close(split.eval()(x), plain(x))  # evaluation: the running statistics, as BatchNorm2d
+    one = nn.BatchNorm2d(4)
+    one.load_state_dict(split.train().state_dict())
+    torch.testing.assert_close(split(x[:4]), one(x[:4]))  # a batch of one group: BatchNorm2d itself
+    torch.testing.assert_close(split.running_mean, one.running_mean)
+
+
+def test_one_query_pass_normalizes_each_crop_on_its_own_as_the_demos_two_passes():
+    """--symmetric encodes both crops in one pass; BN groups of a fixed size never mix the two crops."""
+    torch.manual_seed(0)
+    encoder = moco.MoCoEncoder("tiny", True, 16, mlp=True, bn_group_size=4)
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32) * 2 + 1  # crops with different statistics
+    both = encoder(torch.cat([x1, x2]))
+    torch.testing.assert_close(both, torch.cat([encoder(x1), encoder(x2)]))
 
 
 def test_heads_of_v1_and_v2_and_split_batchnorm_in_the_encoder():
-    v1 = moco.MoCoEncoder("tiny", True, 16, mlp=False, bn_groups=1)
-    v2 = moco.MoCoEncoder("tiny", True, 16, mlp=True, bn_groups=4)
+    v1 = moco.MoCoEncoder("tiny", True, 16, mlp=False, bn_group_size=8)
+    v2 = moco.MoCoEncoder("tiny", True, 16, mlp=True, bn_group_size=2)
     assert isinstance(v1.head, nn.Linear) and [type(m) for m in v2.head] == [nn.Linear, nn.ReLU, nn.Linear]
-    assert not any(isinstance(m, moco.SplitBatchNorm) for m in v1.modules())
-    assert sum(isinstance(m, moco.SplitBatchNorm) for m in v2.modules()) == 4  # every BN of the tiny trunk
+    for encoder, n in [(v1, 8), (v2, 2)]:  # every BN of the tiny trunk, with its group size
+        splits = [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(splits) == 4 and all(isinstance(m, moco.SplitBatchNorm) and m.group_size == n for m in splits)
     assert v2(torch.randn(8, 3, 32, 32)).shape == (8, 16)
 
 
@@ -145,7 +155,7 @@ def test_config_refuses_impossible_values():
 def short_run(tmp_path_factory):
     """A 3-step run that records every moving-average update (key encoder before and after, query
     encoder) and the keys of every step; returns them with its config and checkpoint."""
-    updates, keys, real_ema, real_keys = [], [], common.ema_update, moco.shuffled_keys
+    updates, keys, real_ema, real_keys = [], [], common.ema_update, moco.keys_with_shuffling_bn
 
     def recording_ema(target, online, momentum):
         assert not any(p.requires_grad for p in target.parameters())  # no gradient ever reaches f_k
@@ -159,13 +169,13 @@ def short_run(tmp_path_factory):
         keys.append(out.clone())
         return out
 
-    common.ema_update, moco.shuffled_keys = recording_ema, recording_keys
+    common.ema_update, moco.keys_with_shuffling_bn = recording_ema, recording_keys
     try:  # 3 steps of 64 images into a queue of 128 keys
         cfg = tiny(moco.Config, tmp_path_factory.mktemp("run"), subset=192, queue_size=128, key_momentum=0.9,
                    max_steps=3, probe_epochs=0)
         moco.train(cfg)
     finally:
-        common.ema_update, moco.shuffled_keys = real_ema, real_keys
+        common.ema_update, moco.keys_with_shuffling_bn = real_ema, real_keys
     return cfg, load_ckpt(cfg), updates, keys
 
 
@@ -189,6 +199,26 @@ def test_training_queue_holds_the_last_keys(short_run):
     assert len(keys) == 3 and state["queue_ptr"] == 3 * 64 % 128
     torch.testing.assert_close(state["queue"].roll(-state["queue_ptr"], 0), torch.cat(keys[-2:]), atol=0, rtol=0)
     assert torch.allclose(state["queue"].norm(dim=1), torch.ones(128))
+
+
+def test_a_training_step_is_algorithm_1(tmp_path, monkeypatch):
+    """Per step, in the paper's order: keys without gradient, loss, SGD step of f_q, momentum update
+    of f_k, enqueue; so the keys of step t come from f_k before its update at step t."""
+    events = []
+
+    def recording(name, fn):
+        def wrapped(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(moco, "keys_with_shuffling_bn", recording("keys", moco.keys_with_shuffling_bn))
+    monkeypatch.setattr(moco, "moco_loss", recording("loss", moco.moco_loss))
+    monkeypatch.setattr(torch.optim.SGD, "step", recording("update f_q", torch.optim.SGD.step))
+    monkeypatch.setattr(common, "ema_update", recording("update f_k", common.ema_update))
+    monkeypatch.setattr(moco, "enqueue", recording("enqueue", moco.enqueue))
+    moco.train(tiny(moco.Config, tmp_path, subset=128, queue_size=128, max_steps=2, probe_epochs=0))
+    assert events == ["keys", "loss", "update f_q", "update f_k", "enqueue"] * 2
 
 
 def test_resume_refuses_other_settings(short_run):
