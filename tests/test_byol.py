@@ -86,7 +86,8 @@ def test_no_gradient_reaches_the_target_and_it_changes_only_by_ema():
 def test_training_leaves_the_target_at_init_when_tau_is_one(tmp_path):
     """With tau_base = 1 the EMA never moves the target: after a real run it still equals the
     initial weights, so nothing else in the loop (optimizer, DDP, gradients) touches it."""
-    cfg = tiny(byol.Config, tmp_path, tau_base=1.0, subset=128, batch_size=32, max_steps=4, probe_epochs=0, proj_hidden=64)
+    cfg = tiny(byol.Config, tmp_path, tau_base=1.0, subset=128, batch_size=32, max_steps=4, probe_epochs=0,
+               proj_hidden=64)
     byol.train(cfg)
     state, init = load_ckpt(cfg)["model"], initial_weights(cfg)
     target = [k for k in init if k.startswith(("target_backbone.", "target_projector.")) and "running" not in k
@@ -125,11 +126,41 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
     assert_nan_stops_the_run(byol, "byol_loss", monkeypatch, tmp_path, proj_hidden=64)
 
 
+def test_the_optimizer_is_solo_learns_lars_and_the_official_one_a_flag_away(tmp_path):
+    """The CIFAR recipe's LARS (solo-learn lars.py, byol.yaml): trust eta |w| / (|g| + wd |w|) with eta
+    0.02, each layer's rate capped at lr, biases and BN neither adapted nor decayed ("larc")."""
+    for form in ("larc", "byol"):
+        cfg = tiny(byol.Config, tmp_path / form, subset=64, batch_size=32, max_steps=1, probe_epochs=0,
+                   proj_hidden=64, **({} if form == "larc" else dict(lars_form="byol")))
+        byol.train(cfg)
+        groups = load_ckpt(cfg)["opt"]["param_groups"]
+        assert [g["form"] for g in groups] == [form, form]
+        assert all(g["eta"] == 0.02 and g["clip"] for g in groups)
+        biases = next(g for g in groups if g["name"] == "biases")
+        assert biases["lars_exclude"] and biases["weight_decay"] == 0
+
+
+def test_blur_is_off_by_default_and_with_blur_the_papers(monkeypatch):
+    """solo-learn's CIFAR recipe has no blur (asymmetric.yaml: gaussian_prob 0.0); --blur gives the
+    paper's p = 1.0 / 0.1 with the official code's kernel, ~10% of the image side."""
+    calls = []
+    monkeypatch.setattr(common, "gaussian_blur", lambda x, **kw: calls.append(kw) or x)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    byol.byol_view(x, byol.Config(), blur_p=1.0, solarize_p=0.0)
+    assert calls == []
+    blur = byol.Config(blur=True)
+    byol.byol_view(x, blur, blur_p=1.0, solarize_p=0.0)
+    byol.byol_view(x, blur, blur_p=0.1, solarize_p=0.2)
+    assert calls == [dict(p=1.0, kernel="side"), dict(p=0.1, kernel="side")]
+
+
 def test_config_rejects_impossible_values():
     with pytest.raises(ValueError, match="--tau_base"):
         byol.Config(tau_base=1.5)
     with pytest.raises(ValueError, match="--crop_min"):
         byol.Config(crop_min=0.0)
+    with pytest.raises(ValueError, match="--lars_form"):
+        byol.Config(lars_form="sgd")
 
 
 # ---------------------------------------------------------------------------------- learning
