@@ -9,22 +9,35 @@ cosine similarity (paper Eq. 1, 4). The one thing that keeps this from collapsin
 output is the stop-gradient: z is treated as a constant in D, so the encoder learns through p
 only (Sec. 4.1: without it the loss drops to -1 and the outputs collapse). No negative pairs, no
 large batches, no momentum encoder: "BYOL without the momentum encoder". The predictor's lr is
-held fixed while the rest decays (Table 1c). After training, h and the projector are dropped.
+held at its base value while the encoder's decays (Sec. 4.2, Table 1c). After training, h and the
+projector are dropped.
 
     python simsiam.py                                            # 1 GPU: CIFAR-10, the paper's App. D recipe
     torchrun --standalone --nproc_per_node=8 simsiam.py          # 8 GPUs, same global batch of 512
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 simsiam.py
     python simsiam.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
-Defaults are the paper's CIFAR-10 setting (App. D): ResNet-18 with CIFAR stem, a 2-layer projection
-MLP with 2048-d output, SGD with momentum 0.9, base lr 0.03 per 256 images (0.06 at the batch of
-512), cosine decay over 800 epochs, weight decay 5e-4, no blur at 32 px. The paper gives no CIFAR
-predictor width; this file keeps the ImageNet bottleneck ratio, 2048 -> 512 -> 2048 (Sec. 3), and the
-ImageNet crop scale (0.2, 1) and colour jitter (0.4, 0.4, 0.4, 0.1) of the official code. The paper
-reports 91.8% linear top-1 on CIFAR-10 for it (Fig. D.1).
-Results of this file: not yet measured (see README).
-Evaluated features: the backbone's pooled output (512-d for ResNet-18), before the projection MLP;
-the probe trains on frozen features of the un-augmented training images and their flips.
+Defaults: the paper's CIFAR-10 setting (App. D), with what App. D leaves to "the implementation is
+similar to that in ImageNet" taken from the ImageNet settings (Sec. 3, App. A) and the official code
+(facebookresearch/simsiam, main_simsiam.py and simsiam/builder.py, ImageNet only). The paper reports
+91.8% linear top-1 on CIFAR-10 (Fig. D.1; the linear protocol is not described for CIFAR).
+Evaluated features: the backbone's pooled output h (512-d for ResNet-18), before the projection
+MLP, for knn_top1, probe_top1 and linear_top1 (common.evaluate). Results of this file: not yet
+measured (README).
+
+Departures from the sources (P: the paper, arXiv v2; C: the official code, for ImageNet):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| data, trunk | CIFAR-10, CIFAR ResNet-18 (P App. D) | ImageNet, ResNet-50 | as P |
+| projector | 2 layers, 2048-d output (P App. D); 3 on ImageNet | 3 layers, 2048 hidden (C builder.py) | 2; 2048 hid. |
+| predictor | ImageNet: 2048 -> 512 -> 2048 (P Sec. 3); CIFAR: - | as P (C --pred-dim 512) | as P's ImageNet |
+| lr per 256, batch | 0.03, 512 (P App. D) | 0.05, 512 (C main_simsiam.py) | as P |
+| weight decay | 5e-4 on every parameter (P App. D, A) | 1e-4 on every parameter | as P |
+| predictor lr | fixed, the encoder's decays (P Sec. 4.2) | fixed with --fix-pred-lr (C README) | as P |
+| schedule | cosine, 800 epochs (P App. D) | cosine, one lr per epoch | cosine per step |
+| blur | none on CIFAR (P App. D) | p 0.5 (C main_simsiam.py, ImageNet) | as P (--blur) |
+| evaluation | kNN monitor; linear (P App. D) | LARS, batch 4096 (C main_lincls.py) | the three on h (above) |
 """
 
 import dataclasses
@@ -34,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import common
 
@@ -54,8 +68,8 @@ class Config:
     pred_hidden: int = 512  # bottleneck of the prediction MLP h (d/4, as 2048 -> 512 -> 2048 in Sec. 3)
     # method
     crop_min: float = 0.2  # smallest area fraction of the random resized crop (official code: 0.2)
-    blur: bool = False  # Gaussian blur with p = 0.5 (ImageNet); off on CIFAR (App. D)
-    fix_pred_lr: bool = True  # keep the predictor's lr at its base value, not decayed (Table 1c)
+    blur: bool = False  # Gaussian blur with p = 0.5 (ImageNet, official code); off on CIFAR (App. D)
+    fix_pred_lr: bool = True  # keep the predictor's lr at its base value, not decayed (Sec. 4.2, Table 1c)
     # optim
     epochs: int = 800  # passes over the training images
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
@@ -105,6 +119,17 @@ def simsiam_view(x, cfg):
 # model
 
 
+def zero_init_residual(backbone):
+    """Scale 0 for the last BatchNorm of every residual block, so that each block starts as the identity
+    (paper App. A; official builder.py: zero_init_residual=True). The tiny trunk has no residual blocks."""
+    for m in backbone.modules():
+        if isinstance(m, torchvision.models.resnet.BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+        elif isinstance(m, torchvision.models.resnet.Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+    return backbone
+
+
 class SimSiam(nn.Module):
     """Encoder f = projection MLP o backbone, and prediction MLP h (paper Sec. 3, "Baseline settings").
 
@@ -116,12 +141,14 @@ class SimSiam(nn.Module):
 
     def __init__(self, arch, small_images, proj_layers, proj_hidden, proj_dim, pred_hidden):
         super().__init__()
-        self.backbone, width = common.resnet(arch, small_images)
+        backbone, width = common.resnet(arch, small_images)
+        self.backbone = zero_init_residual(backbone)
         layers, d = [], width
         for _ in range(proj_layers - 1):
             layers += [nn.Linear(d, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True)]
             d = proj_hidden
-        self.projector = nn.Sequential(*layers, nn.Linear(d, proj_dim, bias=False), nn.BatchNorm1d(proj_dim, affine=False))
+        self.projector = nn.Sequential(*layers, nn.Linear(d, proj_dim, bias=False),
+                                       nn.BatchNorm1d(proj_dim, affine=False))
         self.predictor = nn.Sequential(
             nn.Linear(proj_dim, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.ReLU(inplace=True),
             nn.Linear(pred_hidden, proj_dim))
@@ -174,7 +201,8 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (paper Sec. 3: lr x BatchSize / 256)
-    common.print0(f"simsiam: {total_steps} steps, SGD lr {lr:.3g}, predictor lr {'fixed' if cfg.fix_pred_lr else 'decayed'}")
+    pred = "fixed" if cfg.fix_pred_lr else "decayed"
+    common.print0(f"simsiam: {total_steps} steps, SGD lr {lr:.3g}, predictor lr {pred}")
 
     model_args = (cfg.arch, cfg.image_size <= 64, cfg.proj_layers, cfg.proj_hidden, cfg.proj_dim, cfg.pred_hidden)
     raw_model = common.sync_batchnorm(SimSiam(*model_args).to(rt.device), rt)
@@ -198,7 +226,8 @@ def train(cfg: Config) -> dict:
             monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
         lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
-        common.set_lr(opt, lr_now, predictor=lr if cfg.fix_pred_lr else lr_now)  # paper Sec. 4.4: a fixed predictor lr
+        pred_lr = lr if cfg.fix_pred_lr else lr_now  # the predictor's lr stays at its base value (Sec. 4.2)
+        common.set_lr(opt, lr_now, predictor=pred_lr)  # the group named "predictor" gets pred_lr, the rest lr_now
         x1, x2 = simsiam_view(x, cfg), simsiam_view(x, cfg)  # (B, 3, S, S) each
         with rt.autocast():
             p1, p2, z1, z2 = model(x1, x2)  # (B, proj_dim) each
@@ -224,7 +253,8 @@ def train(cfg: Config) -> dict:
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "simsiam", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1),
+               **metrics, "train_seconds": round(log.train_seconds, 1),
+               "images_per_second": round(log.images_per_second(), 1),
                "z_std": round(float(z_std), 4) if start_step < stop_step else None}
     common.write_results(results, cfg, rt)
     common.cleanup()

@@ -132,3 +132,17 @@ def test_three_layer_projector_for_imagenet():
 
 
 # ---------------------------------------------------------------------------------- learning
+
+
+def test_every_residual_block_starts_as_the_identity():
+    """Paper App. A and the official builder.py (zero_init_residual=True): the last BN of each block has
+    scale 0, so the block adds nothing at initialisation; the other BN scales stay 1."""
+    for arch, last in [("resnet18", "bn2"), ("resnet50", "bn3")]:
+        backbone = simsiam.SimSiam(arch, True, 2, 64, 64, 16).backbone
+        blocks = [m for m in backbone.modules() if hasattr(m, last) and hasattr(m, "conv1")]
+        assert len(blocks) == (8 if arch == "resnet18" else 16)
+        assert all(torch.equal(getattr(b, last).weight, torch.zeros_like(getattr(b, last).weight)) for b in blocks)
+        assert torch.equal(backbone.bn1.weight, torch.ones_like(backbone.bn1.weight))
+        block = backbone.layer1[1].eval()  # no downsampling: at init, relu(x + 0)
+        x = torch.randn(2, block.conv1.in_channels, 8, 8)
+        torch.testing.assert_close(block(x), torch.relu(x))
