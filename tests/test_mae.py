@@ -9,6 +9,7 @@ import torchvision
 
 from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
+import common
 import mae
 
 SMALL_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)  # the loop's tests do not need a real decoder
@@ -40,7 +41,8 @@ def test_patchify_order_and_unpatchify_inverse():
 # ------------------------------------------------------------------------------------ masking
 
 
-@pytest.mark.parametrize("L, ratio, removed", [(64, 0.75, 48), (49, 0.75, 37), (10, 0.35, 4), (10, 0.45, 4), (16, 0.5, 8)])
+@pytest.mark.parametrize("L, ratio, removed",
+                         [(64, 0.75, 48), (49, 0.75, 37), (10, 0.35, 4), (10, 0.45, 4), (16, 0.5, 8)])
 def test_random_masking_removes_round_L_ratio_per_sample(L, ratio, removed):
     """Python's round, halves to even: round(3.5) = 4, round(4.5) = 4, round(36.75) = 37."""
     assert removed == round(L * ratio)
@@ -81,8 +83,23 @@ def test_position_embeddings_are_fixed_2d_sincos():
     assert pe.shape == (10, 8) and torch.equal(pe[0], torch.zeros(8))
     row, col = 1, 2  # patch 1 * 3 + 2 = 5, the token after the cls row
     omega = torch.tensor([1.0, 0.01])  # 1 / 10000 ** (k / 2)
-    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
+    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega),
+                          torch.sin(row * omega), torch.cos(row * omega)])
     torch.testing.assert_close(pe[1 + 5], expected)
+
+
+def test_weight_decay_spares_only_biases_and_norms_as_the_official_code():
+    """main_pretrain.py groups parameters with timm 0.3.2's add_weight_decay: no decay for 1-D parameters
+    and names ending in .bias; everything else, cls_token and mask_token ((1, 1, D) there) included, decays."""
+    model = tiny_mae()
+    groups = {g["name"]: g for g in common.param_groups(model, 0.05)}
+    decayed = {id(p) for p in groups["weights"]["params"]}
+    assert groups["weights"]["weight_decay"] == 0.05 and groups["biases"]["weight_decay"] == 0.0
+    for name, p in model.named_parameters():
+        official = not (p.ndim == 1 or name.endswith(".bias"))  # timm's rule, as main_pretrain.py calls it
+        assert (id(p) in decayed) == official, name
+    assert id(model.cls_token) in decayed and id(model.mask_token) in decayed  # the tokens decay
+    assert model.cls_token.shape == (1, 1, 32) and model.mask_token.shape == (1, 1, 32)  # by their 3-D shape
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -102,7 +119,7 @@ def test_mae_loss_only_on_removed_patches():
 
 def test_mae_loss_hand_computed():
     """One 2x2 image, p = 1: four patches of three values; patches 1 and 2 removed."""
-    img = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [6.0, 1.0]], [[2.0, 2.0], [0.0, 1.0]]])[None]  # (1,3,2,2)
+    img = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [6.0, 1.0]], [[2.0, 2.0], [0.0, 1.0]]])[None]  # 1x3x2x2
     pixels = [[1.0, 0.0, 2.0], [2.0, 0.0, 2.0], [3.0, 6.0, 0.0], [4.0, 1.0, 1.0]]  # patches (row-major), channels last
     pred = torch.tensor([[[0.5, 0.5, 0.5], [1.0, -1.0, 3.0], [2.0, 2.0, 2.0], [9.0, 9.0, 9.0]]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
@@ -142,7 +159,8 @@ def test_smoke_run_writes_log_ckpt_results_and_pngs(tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     for name in ("reconstruction_epoch1.png", "reconstruction_final.png"):
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
-        assert png.shape == (3, 3 * 34 + 2, 8 * 34 + 2)  # 3 rows (original, masked, reconstruction) of 8 images, 2 px padding
+        # 3 rows (original, masked, reconstruction) of 8 images, 2 px padding
+        assert png.shape == (3, 3 * 34 + 2, 8 * 34 + 2)
     encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)
     assert "cls_token" in encoder and not any(k.startswith(("decoder", "mask_token")) for k in encoder)
 
