@@ -15,22 +15,29 @@ four classes balanced and lets the network compare the rotations of one image.
     python rotnet.py --arch=nin                                  # the paper's CIFAR model: 4-block NIN
     python rotnet.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=128   # CPU smoke run
 
-Defaults follow the paper's CIFAR-10 experiments (Sec. 3.1) and the official code
-gidariss/FeatureLearningRotNet (config/CIFAR10_RotNet_NIN4blocks.py): SGD with Nesterov momentum
-0.9, lr 0.1 for a batch of 128 images (each shown 4 times: 512 rotated images a step), weight decay
-5e-4 on all parameters, light augmentation (random crop after 4 px zero padding, horizontal flip).
-The paper trains 100 epochs and divides the lr by 5 after epochs 30, 60 and 80 (the official config:
-200 epochs, /5 after 60, 120, 160); this file uses a cosine decay over 100 epochs instead. The
-default backbone is ResNet-18 with the CIFAR stem; the paper's CIFAR model, a Network-In-Network
-of 4 blocks, is `--arch=nin`, for which the paper reports 89.06% CIFAR-10 test top-1 with a
-non-linear classifier on the features of its second block (Table 1).
-Results of this file: not yet measured (see README).
-Evaluated features (kNN and linear probe, on un-augmented upright images and their flips): the
-trunk's global-average-pooled output (512-d for ResNet-18, 192-d for NIN), reported as knn_top1 /
-linear_top1; and, since the paper finds earlier blocks transfer better, the pooled output of an
-intermediate block (ResNet layer3: 256-d for ResNet-18; NIN block 2: 192-d; tiny: its third conv),
-reported as knn_top1_mid / linear_top1_mid. pretext_top1 is the rotation accuracy on the test
-images (each in one rotation, the four used equally often).
+Defaults: the paper's CIFAR-10 recipe (Sec. 3.1), checked against the official code
+gidariss/FeatureLearningRotNet (config/CIFAR10_RotNet_NIN4blocks.py, dataloader.py), on a ResNet-18
+trunk; `--arch=nin` is the paper's 4-block Network-In-Network. For it the paper reports 89.06% CIFAR-10
+test top-1 with a non-linear classifier on the feature maps of block 2 (Table 1; the official
+config/CIFAR10_MultLayerClassifier_on_RotNet_NIN4blocks_Conv2_feats.py: 3 FC layers of 200, 200 and
+10 units with BN on the flattened 192x8x8 maps). Evaluated features: knn_top1, probe_top1 and
+linear_top1 on the trunk's pooled output (512-d for ResNet-18, 192-d for NIN); since the paper finds
+earlier blocks better, knn_top1_mid, probe_top1_mid and linear_top1_mid on the pooled output of an
+intermediate block (ResNet layer3: 256-d; NIN block 2: 192-d; tiny: its third conv). pretext_top1 is
+the rotation accuracy on the test images, each shown in one rotation. Results of this file: not yet
+measured (README).
+
+Departures from the sources (P: the paper, arXiv v1; C: the official code; C config: its
+config/CIFAR10_RotNet_NIN4blocks.py):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| trunk | NIN, 3 to 5 blocks (P Tab. 1) | NIN, 4 blocks (C NetworkInNetwork.py) | ResNet-18; --arch=nin: C's |
+| optimizer | SGD 0.9, lr 0.1, wd 5e-4 (P Sec. 3.1) | as P, Nesterov (C config) | as C |
+| schedule | 100 epochs, lr / 5 at 30, 60, 80 (P 3.1) | 200, lr / 5 at 60, 120, 160 (C LUT_lr) | as P (or cosine) |
+| input | - | CIFAR-10 mean, std (C dataloader.py) | ImageNet mean, std (common.normalize) |
+| pretext_top1 | - | each test image in all 4 rotations | in one, the 4 equally often |
+| evaluation | non-linear, block 2 (P Tab. 1) | 3 FC; best epoch logged (C Algorithm.py) | see above; last epoch |
 """
 
 import dataclasses
@@ -53,7 +60,7 @@ class Config:
     subset: int = 0  # train on the first N training images only (0 = all)
     image_size: int = 32  # side of the network's input (96 for STL-10, 224 for ImageNet)
     # model
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | nin (the paper's CIFAR net) | tiny (4-conv trunk, CPU runs)
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | nin (the paper's CIFAR net) | tiny (4 convs, CPU runs)
     nin_blocks: int = 4  # conv blocks of the NIN (3 to 5 in the paper; 4 is its best); only with --arch=nin
     # method
     crop_pad: int = 4  # random crop after zero padding by this many pixels (official CIFAR code: 4)
@@ -64,7 +71,8 @@ class Config:
     lr: float = 0.2  # SGD base lr per 256 images, scaled linearly (the paper's 0.1 at 128 images)
     momentum: float = 0.9  # SGD momentum (Nesterov, as the official code)
     weight_decay: float = 5e-4  # on all parameters, as the official code
-    warmup_epochs: int = 0  # linear warmup (none in the paper), then cosine decay to 0
+    schedule: str = "step"  # step: lr / 5 after 30%, 60% and 80% of the epochs (the paper's) | cosine: to 0
+    warmup_epochs: int = 0  # linear warmup before either schedule (none in the paper)
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
     probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
@@ -83,6 +91,8 @@ class Config:
             raise ValueError(f"--nin_blocks={self.nin_blocks} is impossible: the NIN has at least 3 blocks")
         if not 0 <= self.crop_pad < self.image_size or not 0 <= self.momentum < 1:
             raise ValueError("--crop_pad must be in [0, image_size) and --momentum in [0, 1)")
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"--schedule={self.schedule} is unknown: step | cosine")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -183,6 +193,14 @@ def rotation_loss(logits, labels):
 # method helpers
 
 
+def step_lr(step, total_steps, warmup_steps, base_lr, drops=(0.3, 0.6, 0.8), factor=0.2):
+    """The paper's schedule: base_lr, divided by 5 after 30%, 60% and 80% of the steps (P Sec. 3.1:
+    after epochs 30, 60, 80 of 100; the official config: 60, 120, 160 of 200), after a linear warmup."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr * factor ** sum(step >= d * total_steps for d in drops)
+
+
 @torch.no_grad()
 def rotation_accuracy(model, data, rt, size, batch_size=512):
     """Top-1 rotation accuracy over the un-augmented test images, image i of a batch turned by i % 4
@@ -216,7 +234,8 @@ def train(cfg: Config) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule, counted in images (not rotated copies)
-    common.print0(f"rotnet: {total_steps} steps, SGD lr {lr:.3g}, {4 * cfg.batch_size} rotated images a step")
+    common.print0(f"rotnet: {total_steps} steps, SGD lr {lr:.3g} ({cfg.schedule} schedule), "
+                  f"{4 * cfg.batch_size} rotated images a step")
 
     raw_model = common.sync_batchnorm(RotNet(cfg.arch, cfg.image_size <= 64, cfg.nin_blocks).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
@@ -238,12 +257,13 @@ def train(cfg: Config) -> dict:
         log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),
                    "pretext_top1": rotation_accuracy(raw_model, data, rt, cfg.image_size)})
 
+    schedule = step_lr if cfg.schedule == "step" else common.cosine_lr  # lr(step, total, warmup, base)
     log = common.Logger(cfg, rt, steps_per_epoch, start_step, stop_step)
     if cfg.eval_every and start_step == 0:
         with log.paused():  # the monitor at random initialisation: the baseline to beat
             monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
-        lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
+        lr_now = schedule(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr)
         common.set_lr(opt, lr_now)
         images, labels = rotate_batch(rotnet_view(x, cfg))  # (4B, 3, S, S), (4B,): all four rotations of each image
         with rt.autocast():
@@ -271,9 +291,9 @@ def train(cfg: Config) -> dict:
     if rt.is_main:  # the trunk alone (ResNets: loadable into a torchvision ResNet with the same stem, README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "rotnet", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1),
-               "pretext_top1": pretext_top1, "knn_top1_mid": mid["knn_top1"], "probe_top1_mid": mid["probe_top1"],
-               "linear_top1_mid": mid["linear_top1"],
+               **metrics, "train_seconds": round(log.train_seconds, 1),
+               "images_per_second": round(log.images_per_second(), 1), "pretext_top1": pretext_top1,
+               **{f"{name}_mid": value for name, value in mid.items()},  # knn_top1_mid, probe_top1_mid, linear_top1_mid
                "mid_features": raw_model.mid_name}
     common.write_results(results, cfg, rt)
     common.cleanup()

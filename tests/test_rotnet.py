@@ -91,8 +91,20 @@ def test_rotation_loss_hand_computed():
     assert rotnet.rotation_loss(logits.bfloat16(), labels).dtype == torch.float32
 
 
+def test_step_schedule_is_the_papers():
+    """lr / 5 after epochs 30, 60 and 80 of 100 (paper Sec. 3.1; official LUT_lr: 60, 120, 160 of 200)."""
+    assert rotnet.Config().schedule == "step" and rotnet.Config().epochs == 100
+    spe = 391  # steps per epoch of CIFAR-10 at batch 128
+    lr = [rotnet.step_lr(epoch * spe, 100 * spe, 0, 0.1) for epoch in (0, 29, 30, 59, 60, 79, 80, 99)]
+    assert lr == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
+    assert rotnet.step_lr(30 * spe - 1, 100 * spe, 0, 0.1) == 0.1  # the drop comes after epoch 30, not before
+    assert [rotnet.step_lr(s, 100, 4, 0.1) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # warmup
+
+
 def test_config_checks():
     assert rotnet.Config(arch="nin").arch == "nin"
+    with pytest.raises(ValueError, match="--schedule=linear"):
+        rotnet.Config(schedule="linear")
     with pytest.raises(ValueError, match="--nin_blocks=2"):
         rotnet.Config(nin_blocks=2)
     with pytest.raises(ValueError, match="--arch=vit"):
@@ -105,9 +117,10 @@ def test_config_checks():
 
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
-    cfg, results = assert_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", "knn_top1_mid", "probe_top1_mid", "linear_top1_mid"))
+    mid_keys = ("knn_top1_mid", "probe_top1_mid", "linear_top1_mid")  # the three evaluations of the intermediate block
+    cfg, results = assert_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", *mid_keys))
     assert results["steps"] == 16 and results["mid_features"] == "conv3"
-    assert 0 <= results["pretext_top1"] <= 1 and 0 <= results["knn_top1_mid"] <= 1 and 0 <= results["probe_top1_mid"] <= 1
+    assert all(0 <= results[k] <= 1 for k in ("pretext_top1", *mid_keys)), results
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert all("pretext_acc" in r for r in log if "loss" in r)
     assert any("pretext_top1" in r and r.get("epoch") == 1 for r in log)  # the monitor reports rotation accuracy too
