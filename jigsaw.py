@@ -7,32 +7,45 @@ set, and a network must say which permutation it was. The tiles pass one by one 
 (siamese) encoder, which cannot see how tiles relate; only the classifier on top of the nine
 concatenated tile features can. To solve the puzzle, the encoder must therefore describe what each
 tile shows (an eye, a wheel, the top of a roof) well enough that the classifier can place it: it
-learns object parts. Shortcuts are removed as in the paper: each tile is a random crop
+learns object parts. Shortcuts are removed as in the paper (Table 5): each tile is a random crop
 smaller than its cell, so edges and textures do not continue from tile to tile; every tile is
-standardized on its own, so brightness and contrast do not tell neighbours apart; and colour
-channels are jittered spatially per tile, with some images in grayscale, against chromatic
-aberration. The permutation set is chosen greedily for maximal Hamming distance (Algorithm 1), so
-that the puzzles are far apart and each needs the whole arrangement.
+standardized on its own, so brightness and contrast do not tell neighbours apart; and against
+chromatic aberration some puzzles are made in grayscale and the colour channels of the others are
+shifted a little against each other. The permutation set is chosen greedily for maximal Hamming
+distance (Algorithm 1), so that the puzzles are far apart and each needs the whole arrangement.
 
     python jigsaw.py                                             # 1 GPU: CIFAR-10
     torchrun --standalone --nproc_per_node=8 jigsaw.py           # 8 GPUs, same global batch of 128
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 jigsaw.py
     python jigsaw.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=128   # CPU smoke run
 
-The paper trains an AlexNet on ImageNet (225 px crops, 3x3 cells of 75 px, 64 px tiles, 1000
-permutations; 67.6% PASCAL VOC 2007 classification after fine-tuning, Table 1) and gives no
-CIFAR-10 recipe. CIFAR-10 adaptation here: images upsampled to 64 px (a random square crop of at
-least 60% of the area), cells of 21 px and tiles of 18 px (the paper's tile/cell ratio 64/75),
-each colour channel of a tile shifted by up to 1 px (the paper's 0-2 px at 64 px tiles), grayscale
-for 30% of the images (this file's choice), 100 permutations (in the paper's Table 3 transfer
-changes little between 100 and 1000; `--n_perms=1000` is supported), ResNet-18 with
-the CIFAR stem as tile encoder, and the RotNet CIFAR-10 optimizer (SGD, Nesterov momentum 0.9,
-lr 0.1 at batch 128, weight decay 5e-4, cosine over 100 epochs), with a BatchNorm MLP head.
-Results of this file: not yet measured (see README).
-Evaluated features: the tile encoder applied to the whole, un-tiled image at the pretext's scale
-(upsampled to image_size, each channel standardized on its own as a tile is), globally pooled
-(512-d for ResNet-18); the probe trains on those of the training images and their flips.
-pretext_top1 is the permutation accuracy on puzzles made from the test images.
+The paper trains an AlexNet on ImageNet and reports 67.6% PASCAL VOC 2007 classification after
+fine-tuning (Table 1); there is no CIFAR recipe. Here the paper's geometry is scaled to CIFAR images
+upsampled to 64 px, with a ResNet-18 tile encoder and RotNet's CIFAR-10 optimizer (the table).
+Evaluated features: knn_top1, probe_top1 and linear_top1 on the tile encoder applied to the whole,
+un-tiled image at the puzzle's scale (upsampled to image_size, each channel standardized as a tile's),
+globally pooled (512-d for ResNet-18). pretext_top1 is the permutation accuracy on puzzles made from
+the test images. Results of this file: not yet measured (README).
+
+Departures from the sources (P: the paper, arXiv v3; C: the official Caffe release MehdiNoroozi/
+JigsawPuzzleSolver as of 2016, commit 2fba1c6, whose data_transformer.cpp cuts the tiles (the 2018
+"jigsaw++" commits change it); B: the widely used PyTorch reimplementation, bbrattoli/
+JigsawPuzzlePytorch):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| tile encoder | AlexNet, conv1 stride 2, no BN (P Sec. 3) | as P (C train_val_cfn_jps) | ResNet-18, CIFAR stem |
+| head | fc6 512 per tile, fc7 4096 (P Sec. 3) | fc6 1024, fc7 4096, dropout (C, B) | 512, 1024, BN |
+| image | 256 px, random 225 crop (P 3); centre 255 (P Tab. 5) | centre 255, no flip (C, B) | >= 60% area to 64, flip |
+| cell / tile | 75 / 64 px (P Sec. 3); 85 / 64 (P Tab. 5) | 85 / 64 (C jitter_size 21; B) | 21 / 18 (64/75 scaled) |
+| tile norm. | mean and std of each tile (P Tab. 5) | mean per channel (C); and std (B) | mean, std per channel |
+| grayscale | 30% of the images (P Tab. 5) | none (C); 30% (B JigsawImageLoader) | 30% |
+| channel shift | 0, 1 or 2 px, colour images (P Tab. 5) | none (C); B adds -2..1 to values | <= 1 px, colour images |
+| permutations | 1000 best for detection (P Tab. 4) | 100 (C); 1000 (B) | 100; --n_perms=1000 |
+| greedy ties | - | first index (B select_permutations.py) | farthest from its nearest |
+| optimizer | SGD, lr 0.01, batch 256 (P) | momentum 0.9, wd 5e-4 (C solver) | Nesterov 0.9, wd 5e-4 |
+| schedule | 350k steps, ~69 epochs (P) | lr / 10 every 100k steps (C solver) | lr 0.1 at 128, cosine, 100 ep. |
+| evaluation | fine-tuning, VOC 2007 (P Tab. 1) | - | frozen: kNN, probe, linear |
 """
 
 import dataclasses
@@ -58,13 +71,13 @@ class Config:
     image_size: int = 64  # side of the puzzle image (CIFAR upsampled: 3x3 cells of 21 px; the paper: 225)
     # model
     arch: str = "resnet18"  # tile encoder: resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
-    tile_dim: int = 512  # width of the shared per-tile layer (the paper's fc6)
-    hidden_dim: int = 1024  # width of the hidden layer over the 9 concatenated tiles (the paper's fc7)
+    tile_dim: int = 512  # width of the shared per-tile layer (the paper's fc6: 512)
+    hidden_dim: int = 1024  # width of the hidden layer over the 9 concatenated tiles (the paper's fc7: 4096)
     # method
-    n_perms: int = 100  # size of the permutation set = classes of the pretext task (the paper: 100 to 1000)
-    tile_size: int = 18  # side of a tile, cut at a random place in its cell of image_size // 3 px
-    channel_jitter: int = 1  # each colour channel of a tile is shifted by up to this many px
-    gray_prob: float = 0.3  # fraction of puzzles made from the grayscale image
+    n_perms: int = 100  # size of the permutation set = classes of the pretext task (the paper's best: 1000)
+    tile_size: int = 18  # side of a tile, cut at a random place in its cell of image_size // 3 px (paper: 64 of 75)
+    channel_jitter: int = 1  # each channel of a colour tile is shifted by up to this many px (paper: 2 of 64)
+    gray_prob: float = 0.3  # fraction of puzzles made from the grayscale image (the paper's 30%)
     crop_min: float = 0.6  # smallest area fraction of the random square crop that becomes the puzzle image
     # optim
     epochs: int = 100  # passes over the training images
@@ -112,7 +125,7 @@ def make_permutations(n_perms, seed):
     Hamming distance to those chosen so far is largest (the paper's criterion). The paper leaves
     ties open, and there are many: they go to the permutation whose nearest chosen one is farthest.
     Seed 0 gives an average pairwise distance of 8.08 and a minimum of 3 for 100 permutations (the
-    paper's Table 3 lists 8.08 and 2), 8.01 on average for 1000 (paper: 8.00).
+    paper's Table 4 lists 8.08 and 2), 8.01 on average for 1000 (paper: 8.00).
     """
     every = torch.tensor(list(itertools.permutations(range(9))), dtype=torch.uint8).T.contiguous()  # (9, 9!)
     j = int(torch.randint(every.shape[1], (1,), generator=torch.Generator().manual_seed(seed)))
@@ -129,12 +142,13 @@ def make_permutations(n_perms, seed):
     return every[:, chosen].T.long()
 
 
-def cut_tiles(x, tile, jitter=0):
+def cut_tiles(x, tile, jitter=0, colour=None):
     """The 3x3 grid's tiles: (B,C,S,S) -> (B, 9, C, tile, tile), cells in row-major order.
 
     The cells are S // 3 px; each tile is cut at a random offset inside its cell, so neighbouring
     tiles are apart by a random gap (as in the paper). With jitter, each colour channel of a tile is
-    shifted by its own random offset of up to +-jitter px (kept inside the image).
+    shifted by its own random offset of up to +-jitter px (kept inside the image), in the images
+    marked by colour (B,) bool, or in all of them.
     """
     B, C, S, _ = x.shape
     cell, dev = S // 3, x.device
@@ -142,6 +156,8 @@ def cut_tiles(x, tile, jitter=0):
     top = corner.repeat_interleave(3).view(1, 9, 1) + torch.randint(0, cell - tile + 1, (B, 9, 1), device=dev)
     left = corner.repeat(3).view(1, 9, 1) + torch.randint(0, cell - tile + 1, (B, 9, 1), device=dev)
     shift = torch.randint(-jitter, jitter + 1, (2, B, 9, C), device=dev)  # per channel
+    if colour is not None:
+        shift = shift * colour.view(1, B, 1, 1)  # no shift where the channels are one grey
     top, left = (top + shift[0]).clamp(0, S - tile), (left + shift[1]).clamp(0, S - tile)  # (B, 9, C) each
     span = torch.arange(tile, device=dev)
     rows = (top[..., None] + span)[..., :, None]  # (B, 9, C, T, 1)
@@ -165,13 +181,20 @@ def standardize(x, eps=1e-4):
     return (x - mean) / (var + eps).sqrt()
 
 
+def grayscale(x):
+    """(B,3,H,W) -> its luma in all three channels (ITU-R 601 weights, as PIL's convert("L"))."""
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # (B, H, W)
+    return luma.unsqueeze(1).expand_as(x)
+
+
 def jigsaw_view(x, perms, cfg):
     """uint8 (B,3,H,W) -> puzzles (B, 9, 3, T, T), standardized tiles in shuffled order, and the
     index into perms of each puzzle's permutation (B,)."""
     x = common.random_resized_crop(common.to_float(x), cfg.image_size, scale=(cfg.crop_min, 1.0), ratio=(1.0, 1.0))
     x = common.random_flip(x)
-    x = common.random_grayscale(x, cfg.gray_prob)
-    tiles = cut_tiles(x, cfg.tile_size, cfg.channel_jitter)  # (B, 9, 3, T, T) in grid order
+    gray = torch.rand(len(x), device=x.device) < cfg.gray_prob  # (B,): puzzles made from the grayscale image
+    x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x), x)
+    tiles = cut_tiles(x, cfg.tile_size, cfg.channel_jitter, colour=~gray)  # (B, 9, 3, T, T) in grid order
     labels = torch.randint(len(perms), (x.shape[0],), device=x.device)  # (B,) one permutation per puzzle
     return standardize(shuffle_tiles(tiles, perms[labels])), labels
 
@@ -187,7 +210,8 @@ class Jigsaw(nn.Module):
     def __init__(self, arch, small_images, tile_dim, hidden_dim, n_perms):
         super().__init__()
         self.backbone, width = common.resnet(arch, small_images)
-        self.tile_fc = nn.Sequential(nn.Linear(width, tile_dim, bias=False), nn.BatchNorm1d(tile_dim), nn.ReLU(inplace=True))
+        self.tile_fc = nn.Sequential(  # the paper's fc6, one per tile (shared)
+            nn.Linear(width, tile_dim, bias=False), nn.BatchNorm1d(tile_dim), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(
             nn.Linear(9 * tile_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, n_perms))
@@ -299,8 +323,9 @@ def train(cfg: Config) -> dict:
     if rt.is_main:  # the tile encoder alone, loadable into a torchvision ResNet with the CIFAR stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "jigsaw", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1),
-               "pretext_top1": pretext_top1, "n_perms": cfg.n_perms}
+               **metrics, "train_seconds": round(log.train_seconds, 1),
+               "images_per_second": round(log.images_per_second(), 1), "pretext_top1": pretext_top1,
+               "n_perms": cfg.n_perms}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

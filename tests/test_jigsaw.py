@@ -43,7 +43,7 @@ def test_permutations_valid_distinct_deterministic_and_far_apart():
     assert len({tuple(p) for p in perms.tolist()}) == 100  # all distinct
     lo, avg = hamming(perms)
     print(f"100 permutations, seed 0: min Hamming distance {lo}, average {avg:.3f}")
-    # the paper's Table 3 lists 8.08 / 2 for its 100-set; two random permutations differ in 8 places on average
+    # the paper's Table 4 lists 8.08 / 2 for its 100-set; two random permutations differ in 8 places on average
     assert lo >= 3 and avg >= 8.07
     # the same set for a seed (uncached call); greedy, so a smaller set is the start of a larger one
     assert torch.equal(jigsaw.make_permutations.__wrapped__(10, 0), perms[:10])
@@ -66,7 +66,7 @@ def test_thousand_permutations():
     assert len({tuple(p) for p in perms.tolist()}) == 1000 and (perms.sort(1).values == torch.arange(9)).all()
     lo, avg = hamming(perms)
     print(f"1000 permutations, seed 0: min Hamming distance {lo}, average {avg:.3f}")
-    assert lo >= 2 and avg >= 8.0  # the paper's Table 3: 8.00 / 2
+    assert lo >= 2 and avg >= 8.0  # the paper's Table 4: 8.00 / 2
 
 
 # ------------------------------------------------------------------------------------------ tiles
@@ -108,6 +108,26 @@ def test_channel_jitter_shifts_channels_by_at_most_jitter():
     tiles = jigsaw.cut_tiles(x, 18, jitter=1)
     shift = tiles[:, :, 2, 0, 0] - tiles[:, :, 0, 0, 0]  # (B, 9) row shift between two channels of a tile
     assert shift.abs().max() <= 2 and (shift != 0).any()
+
+
+def test_channel_shift_only_in_colour_images():
+    """The paper (Table 5) shifts the colour channels of the colour images; a grey image stays grey."""
+    torch.manual_seed(0)
+    x = position_image(8, 64)
+    x[:, 2] = x[:, 0]
+    colour = torch.tensor([True, False] * 4)
+    tiles = jigsaw.cut_tiles(x, 18, jitter=1, colour=colour)
+    shift = tiles[:, :, 2, 0, 0] - tiles[:, :, 0, 0, 0]  # (B, 9)
+    assert (shift[~colour] == 0).all() and (shift[colour] != 0).any()
+
+
+def test_grayscale_puzzles_have_equal_channels(tmp_path):
+    cfg = tiny(jigsaw.Config, tmp_path, gray_prob=1.0, channel_jitter=2)
+    x = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    tiles, _ = jigsaw.jigsaw_view(x, jigsaw.make_permutations(cfg.n_perms, 0), cfg)
+    assert torch.equal(tiles[:, :, 0], tiles[:, :, 1]) and torch.equal(tiles[:, :, 0], tiles[:, :, 2])
+    grey = jigsaw.grayscale(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))  # pure red: luma 0.299 (PIL's weights)
+    torch.testing.assert_close(grey, torch.full((1, 3, 1, 1), 0.299))
 
 
 def test_per_tile_standardization():
