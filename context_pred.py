@@ -7,30 +7,43 @@ must say where the neighbour lies relative to the centre (an 8-way classificatio
 pass through the same encoder separately, and only an MLP on the two concatenated features sees
 them together (the paper's late fusion), so each patch must be described well enough to tell
 that, say, an ear belongs above and to the left of an eye: the encoder learns objects and their
-parts. Trivial cues are removed as in the paper: a gap between the patches and a random
-jitter of each patch, so lines and textures do not continue across the border; and against
-chromatic aberration (lenses shift colours by a position-dependent amount, which tells where in
-the image a patch comes from) the colours are projected off the green-magenta axis, the paper's
-"projection", here in every patch and every evaluated image alike.
+parts. Trivial cues are removed as in the paper: a gap between the patches and a random jitter of
+each patch, so lines and textures do not continue across the border; against chromatic aberration
+(lenses shift colours by a position-dependent amount, which tells where in the image a patch comes
+from) the colours are projected off the green-magenta axis (the paper's "projection"); and, as in the
+official code, each patch is normalized on its own (its channels' means removed, divided by its RMS),
+"so that gradients are a less useful cue" to where it lies.
 
     python context_pred.py                                       # 1 GPU: CIFAR-10
     torchrun --standalone --nproc_per_node=8 context_pred.py     # 8 GPUs, same global batch of 128
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 context_pred.py
     python context_pred.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=128   # CPU smoke run
 
-The paper trains an AlexNet-like network on ImageNet (96 px patches, 48 px gaps, jitter up to 7 px)
-and evaluates by fine-tuning on PASCAL VOC; it gives no CIFAR-10 recipe or number. CIFAR-10
-adaptation here: images upsampled to 64 px, patches of 14 px with 7 px gaps (the paper's
-gap/patch ratio 1/2) and a jitter of up to 2 px per patch and direction, the grid placed at a
-random position; ResNet-18 with the CIFAR stem as patch encoder, a BatchNorm MLP head, and the
-RotNet CIFAR-10 optimizer (SGD, Nesterov momentum 0.9, lr 0.1 at batch 128, weight decay 5e-4,
-cosine over 100 epochs; not tuned for this task). Not done: the paper's random down-sampling of
-some patches (against pixelation cues; CIFAR images are already upsampled).
-Results of this file: not yet measured (see README).
-Evaluated features: the patch encoder applied to the whole image at the pretext's scale
-(upsampled to image_size, colours projected the same way), globally pooled (512-d for ResNet-18);
-the probe trains on those of the training images and their flips. pretext_top1 is the relative-
-position accuracy on pairs cut from the test images.
+The paper trains an AlexNet-like network on ImageNet and evaluates by fine-tuning on PASCAL VOC 2007
+detection; it gives no CIFAR-10 recipe or number. Here the paper's geometry is scaled to CIFAR images
+upsampled to 64 px, with a ResNet-18 patch encoder and RotNet's CIFAR-10 optimizer (the table; not
+tuned for this task). Evaluated features: knn_top1, probe_top1 and linear_top1 on the patch encoder
+applied to the whole image at the pretext's scale (upsampled to image_size, colours projected and
+normalized as one patch), globally pooled (512-d for ResNet-18). pretext_top1 is the relative-position
+accuracy on pairs cut from the test images. Results of this file: not yet measured (README).
+
+Departures from the sources (P: the paper, arXiv v3; C: the official code cdoersch/deepcontext,
+train.py, which its README calls a refactoring of the paper's code):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| patch encoder | AlexNet-style to fc6 (P Sec. 3) | CaffeNet to fc6 4096 (C gen_net) | ResNet-18, CIFAR stem, fc6 512 |
+| fusion head | fc7, fc8 over both fc6 (P Sec. 3) | fc7, fc8 4096, fc9 8 (C gen_net) | 1024, 8 |
+| batch norm | no scale and shift (P Sec. 3.2) | conv3-5, fc6, fc7, no scale (C) | with scale and shift |
+| image | 150k to 450k pixels (P Sec. 3.2) | as P (C) | CIFAR upsampled to 64 px, flipped |
+| patch, gap, jitter | 96, 48, +-7 px (P Sec. 3.2) | as P (C) | 14, 7, +-2 px |
+| pairs | a patch, one of its 8 neighbours (P Sec. 3) | all neighbours in 4 grids an image (C) | centre, 1 neighbour |
+| chromatic aberration | projection, or colour dropping (P 3.1) | colour dropping (C prep_image) | projection |
+| patch normalization | mean subtraction (P Sec. 3.2) | kept channel's mean out, / RMS, x 50 (C) | means out, / RMS |
+| pixelation | some patches down to 100 px (P 3.2) | a third, to 10-95 px sides (C) | none (CIFAR is upsampled) |
+| optimizer | SGD (P Sec. 3.2) | lr 1e-5 on the summed loss, no momentum, no wd (C) | Nesterov 0.9, wd 5e-4 |
+| schedule | - | constant lr, ~1M steps (C README) | lr 0.1 at 128, cosine, 100 ep. |
+| evaluation | fine-tuning, VOC 2007 detection (P Sec. 4) | - | frozen: kNN, probe, linear |
 """
 
 import dataclasses
@@ -54,8 +67,8 @@ class Config:
     image_size: int = 64  # side of the image the patches are cut from (CIFAR upsampled)
     # model
     arch: str = "resnet18"  # patch encoder: resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
-    patch_dim: int = 512  # width of the shared per-patch layer (the paper's fc6)
-    hidden_dim: int = 1024  # width of the hidden layer over the two concatenated patches
+    patch_dim: int = 512  # width of the shared per-patch layer (the paper's fc6; C: 4096)
+    hidden_dim: int = 1024  # width of the hidden layer over the two concatenated patches (C: 2 of 4096)
     # method
     patch_size: int = 14  # side of a patch (the paper: 96 px)
     gap: int = 7  # pixels between neighbouring patches of the grid (the paper: 48 px, half a patch)
@@ -109,6 +122,17 @@ def remove_green_magenta(x):
     return torch.stack([r + gm, g - 2 * gm, b + gm], 1)
 
 
+def normalize_patch(x, eps=1e-5):
+    """The official per-patch normalization (C train.py, prep_image): each channel of a patch loses
+    its own mean, then the whole patch is divided by its root mean square, "so that gradients are a
+    less useful cue" (C): a gradient of brightness, contrast or colour across the image (vignetting, a
+    sky lighter at the top) no longer tells where a patch lies. C scales to RMS 50 for AlexNet's pixel
+    range; here RMS 1, the scale of standardized inputs. eps floors the RMS at 0.003 (a grey level).
+    (..., C, H, W) -> (..., C, H, W)."""
+    x = x - x.mean((-2, -1), keepdim=True)  # each channel's mean out
+    return x / (x.square().mean((-3, -2, -1), keepdim=True) + eps).sqrt()  # one RMS over C, H, W
+
+
 def crop(x, top, left, size):
     """One size x size crop per image at (top (B,), left (B,)): (B,C,H,W) -> (B,C,size,size)."""
     span = torch.arange(size, device=x.device)
@@ -141,12 +165,18 @@ def sample_pairs(x, patch, gap, jitter):
     return crop(x, *at_centre, patch), crop(x, *at_neighbour, patch), labels
 
 
+def patch_pairs(x, cfg):
+    """Float images (B,3,S,S) in [0, 1] -> centre and neighbour patches (B,3,P,P), colours projected
+    and each patch normalized on its own, and the neighbours' labels (B,)."""
+    centre, neighbour, labels = sample_pairs(remove_green_magenta(x), cfg.patch_size, cfg.gap, cfg.jitter)
+    return normalize_patch(centre), normalize_patch(neighbour), labels
+
+
 def context_view(x, cfg):
-    """uint8 (B,3,H,W) -> centre and neighbour patches (B,3,P,P) each, normalized, and labels (B,)."""
+    """uint8 (B,3,H,W) -> centre and neighbour patches (B,3,P,P) each, and labels (B,)."""
     x = resize(common.to_float(x), cfg.image_size)
     x = common.random_flip(x)  # before the grid: the labels follow the flipped image
-    x = common.normalize(remove_green_magenta(x))
-    return sample_pairs(x, cfg.patch_size, cfg.gap, cfg.jitter)
+    return patch_pairs(x, cfg)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -160,7 +190,8 @@ class ContextPred(nn.Module):
     def __init__(self, arch, small_images, patch_dim, hidden_dim):
         super().__init__()
         self.backbone, width = common.resnet(arch, small_images)
-        self.patch_fc = nn.Sequential(nn.Linear(width, patch_dim, bias=False), nn.BatchNorm1d(patch_dim), nn.ReLU(inplace=True))
+        self.patch_fc = nn.Sequential(  # the paper's fc6, one per patch (shared)
+            nn.Linear(width, patch_dim, bias=False), nn.BatchNorm1d(patch_dim), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(
             nn.Linear(2 * patch_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, 8))
@@ -198,8 +229,7 @@ def context_accuracy(model, data, rt, cfg, batch_size=512):
     model.eval()
     counts = torch.zeros(2, device=rt.device)  # correct, seen
     for x, _ in data.eval_batches("test", batch_size):
-        x = common.normalize(remove_green_magenta(resize(common.to_float(x), cfg.image_size)))
-        centre, neighbour, labels = sample_pairs(x, cfg.patch_size, cfg.gap, cfg.jitter)
+        centre, neighbour, labels = patch_pairs(resize(common.to_float(x), cfg.image_size), cfg)
         with rt.autocast():
             logits = model(centre, neighbour)  # (b, 8)
         counts += torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=rt.device)])
@@ -233,8 +263,8 @@ def train(cfg: Config) -> dict:
         opt.load_state_dict(state["opt"])
         start_step = state["step"]
 
-    def features(x):  # f on the whole image, at the patches' scale and with their colour projection
-        return raw_model.backbone(common.normalize(remove_green_magenta(resize(common.to_float(x), cfg.image_size))))
+    def features(x):  # f on the whole image at the patches' scale, projected and normalized as one patch
+        return raw_model.backbone(normalize_patch(remove_green_magenta(resize(common.to_float(x), cfg.image_size))))
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
         log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),

@@ -39,8 +39,9 @@ def test_every_label_matches_the_true_relative_position(S, patch, gap, jitter):
     assert set(labels.tolist()) == set(range(8))  # all eight positions are drawn
     for p in (centre, neighbour):  # every patch is a contiguous crop inside the image
         rows, cols = p[:, 0], p[:, 1]
-        assert torch.equal(rows - rows[:, :1, :1], torch.arange(patch, dtype=torch.float32).view(1, patch, 1).expand_as(rows))
-        assert torch.equal(cols - cols[:, :1, :1], torch.arange(patch, dtype=torch.float32).view(1, 1, patch).expand_as(cols))
+        span = torch.arange(patch, dtype=torch.float32)
+        assert torch.equal(rows - rows[:, :1, :1], span.view(1, patch, 1).expand_as(rows))
+        assert torch.equal(cols - cols[:, :1, :1], span.view(1, 1, patch).expand_as(cols))
         assert rows.min() >= 0 and rows.max() <= S - 1 and cols.min() >= 0 and cols.max() <= S - 1
     d_row = neighbour[:, 0, 0, 0] - centre[:, 0, 0, 0]  # (B,) where the neighbour is, in pixels
     d_col = neighbour[:, 1, 0, 0] - centre[:, 1, 0, 0]
@@ -85,6 +86,34 @@ def test_green_magenta_projection():
     torch.testing.assert_close(context_pred.remove_green_magenta(grey), grey)  # grey is left alone
     red_blue = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1) - torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1)
     torch.testing.assert_close(context_pred.remove_green_magenta(red_blue), red_blue)  # orthogonal colours too
+
+
+def test_normalize_patch_hand_computed():
+    """Each channel's mean out, then one RMS over the whole patch (official train.py, prep_image)."""
+    x = torch.tensor([[[[1.0, 3.0]], [[2.0, 2.0]]]])  # (1, 2, 1, 2): channel 0 varies, channel 1 is flat
+    rms = math.sqrt((1 + 1 + 0 + 0) / 4 + 1e-5)  # channel 0 becomes -1, 1; channel 1 becomes 0, 0
+    expected = torch.tensor([[[[-1.0, 1.0]], [[0.0, 0.0]]]]) / rms
+    torch.testing.assert_close(context_pred.normalize_patch(x), expected)
+    assert context_pred.normalize_patch(torch.full((1, 3, 4, 4), 0.7)).abs().max() < 1e-3  # a flat patch stays flat
+
+
+def test_normalize_patch_removes_brightness_contrast_and_colour_cast():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 14, 14)
+    cast, contrast = torch.rand(4, 3, 1, 1), 0.5 + torch.rand(4, 1, 1, 1)  # per patch and channel; per patch
+    torch.testing.assert_close(context_pred.normalize_patch(contrast * x + cast),
+                               context_pred.normalize_patch(x), atol=1e-3, rtol=0)
+
+
+def test_context_view_normalizes_each_patch_on_its_own(tmp_path):
+    """The patches reaching the encoder: every channel of every patch has mean 0, every patch RMS 1."""
+    torch.manual_seed(0)
+    cfg = tiny(context_pred.Config, tmp_path, **SMALL)
+    x = (torch.rand(16, 3, 32, 32) * 255).to(torch.uint8)
+    x[:8] //= 4  # dark images: without a normalization per patch, their patches would be dark too
+    for patch in context_pred.context_view(x, cfg)[:2]:  # centre, neighbour: (B, 3, P, P)
+        torch.testing.assert_close(patch.mean((2, 3)), torch.zeros(16, 3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(patch.square().mean((1, 2, 3)).sqrt(), torch.ones(16), atol=1e-2, rtol=0)
 
 
 def test_context_view_shapes(tmp_path):
