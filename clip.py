@@ -12,7 +12,7 @@ image is classified without any labelled example by embedding one caption per cl
 a {class}.", averaged over several templates) and picking the most similar: zero-shot transfer.
 
 Text is byte-level here: a caption is its UTF-8 bytes (tokens 0..255) between a start and an end
-token, padded; no tokenizer file (the paper's lower-cased BPE has a 49,152-token vocabulary file).
+token, padded, so no tokenizer file is needed (the paper's BPE vocabulary: table).
 
 Captions (--captions) come from one of three sources; evaluation is always on --dataset's labels:
   classes   (default) an OFFLINE WEAK-SUPERVISION DEMO: each training image of --dataset gets a
@@ -30,20 +30,33 @@ File captions stream through common.Data's DataLoader (images decoded in workers
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 clip.py
     python clip.py --dataset=synthetic --arch=tiny --text_width=64 --text_layers=2 --epochs=1 --batch_size=256  # CPU
 
-The defaults are a CIFAR-10 demo of this file, NOT a paper recipe (CLIP was trained on 400M web
-pairs at batch 32,768; no published number exists for this setting): ResNet-18 with CIFAR stem and
-average pooling (the paper's ResNets pool by attention), a 4-layer 256-wide text transformer over
-77 byte tokens (paper: 12 layers, 512 wide, 77 BPE tokens), joint width 256, batch 512, 100
-epochs. From the paper: AdamW with decoupled weight decay 0.2 on weights only (not gains, biases
-or the scale), cosine schedule after a linear warmup, the logit scale initialised at 1/0.07 and
-clipped at 100 (Sec. 2.5), a random square crop as the only augmentation; betas (0.9, 0.98) and
-eps 1e-6 are the paper's ViT setting (its ResNets used 0.999 and 1e-8: --adam_beta2, --adam_eps).
-Results of this file: not yet measured (see README).
-Evaluated features: kNN and linear probe on the image tower's pooled trunk output h (512-d for
-ResNet-18, before the projection), frozen, on un-augmented training images (probe: plus flips);
-zero-shot top-1 on the test set with the projected, normalized image embedding against the
-prompt ensemble of the class names (with --captions=classes those names were the training
-captions, so this shows classification through the text tower, not transfer to unseen words).
+The defaults are a CIFAR-10 demo of this file, NOT a paper recipe: CLIP learned from 400M web pairs,
+and no published number exists for this setting; the table lists every departure. Evaluated features:
+knn_top1, probe_top1 and linear_top1 on the image tower's pooled trunk output h (512-d for ResNet-18,
+before the projection; common.evaluate); zero_shot_top1 on the test set, the projected, normalized
+image embedding against each class's prompt ensemble (with --captions=classes those class names were
+the training captions: this shows classification through the text tower, not transfer to new words).
+Results of this file: not yet measured (README).
+
+Departures from the sources (P: the paper; C: openai/CLIP, the released models and inference, no training):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| pairs | 400M web (image, text) pairs (P Sec. 2.2) | - | CIFAR-10 images, class-name captions |
+| batch, epochs | 32,768, 32 (P Sec. 2.5, Tab. 19) | - | 512, 100 |
+| image tower | ResNet-D, blur, attention pool; ViT (P Sec. 2.4) | as P (C model.py) | ResNet-18, CIFAR stem, avg pool |
+| text tower | 12 x 512, 8 heads (P Sec. 2.4) | QuickGELU, scaled init (C model.py) | 4 x 256, 4; GELU, torch init |
+| text tokens | lower-case BPE: 49,152, max 76 (P Sec. 2.4) | 49,408; 77 with start, end (C clip.py) | 259 (bytes); 77 |
+| joint width | 1024 for RN50 (P Tab. 20) | - | 256 |
+| lr | 5e-4 for RN50 at batch 32,768 (P Tab. 20) | - | 5e-4 per 256, scaled: 1e-3 at 512 |
+| warmup, schedule | 2000 steps, cosine (P Sec. 2.5, Tab. 19) | - | 5 epochs (~490 steps), cosine |
+| Adam beta2, eps | 0.999, 1e-8 for ResNets; 0.98, 1e-6 for ViTs (P Tab. 19) | - | the ViTs' (--adam_beta2, _eps) |
+| weight decay 0.2 on | weights, not gains or biases (P Sec. 2.5) | - | 2+ dims: not biases, norms, logit scale |
+| logit scale | 1/0.07 at first, learned as a log, clipped at 100 (P Sec. 2.5) | init log(1/0.07) (C model.py) | as P |
+| augmentation | random square crop of resized images, only (P Sec. 2.3) | - | square crop of 50-100% of the area |
+| input | - | CLIP's own mean and std (C clip.py) | ImageNet mean and std |
+| zero-shot prompts | 80 templates (ImageNet, P Sec. 3.1.4) | 18 (CIFAR-10, C data/prompts.md) | 8 (also the captions) |
+| linear probe | L-BFGS logistic regression (P App. A.3) | sklearn, encode_image (C README) | on h, 3 evaluations |
 """
 
 import csv
@@ -86,8 +99,8 @@ class Config:
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
     batch_size: int = 512  # global batch, split across processes: the contrastive batch (paper: 32768)
     lr: float = 5e-4  # AdamW base lr per 256 pairs, scaled linearly with the batch (paper: 5e-4 at 32768)
-    weight_decay: float = 0.2  # decoupled (AdamW), on weights only (paper)
-    warmup_epochs: int = 5  # linear warmup, then cosine to 0 (paper: 2000 steps; short runs stall at loss log N without)
+    weight_decay: float = 0.2  # decoupled (AdamW); not on gains and biases (paper Sec. 2.5) nor the logit scale
+    warmup_epochs: int = 5  # linear warmup, then cosine to 0 (paper: 2000 steps; without, short runs stall at log N)
     adam_beta2: float = 0.98  # paper: 0.98 for its ViTs, 0.999 for its ResNets
     adam_eps: float = 1e-6  # paper: 1e-6 for its ViTs, 1e-8 for its ResNets
     # eval
@@ -177,14 +190,15 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(VOCAB, width)
         self.pos_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)  # CLIP's init scales
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                                batch_first=True, norm_first=True) for _ in range(layers)])
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                                                activation="gelu", batch_first=True, norm_first=True)
+                                     for _ in range(layers)])  # pre-norm blocks, as GPT-2's (Sec. 2.4)
         self.ln_final = nn.LayerNorm(width)
 
     def forward(self, tokens):
         B, L = tokens.shape
         x = self.token_embedding(tokens) + self.pos_embedding[:L]  # (B, L, W)
-        mask = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)  # (L, L): -inf above the diagonal
+        mask = nn.Transformer.generate_square_subsequent_mask(L, device=tokens.device)  # (L, L), -inf above diagonal
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)  # (B, L, W): position t sees positions 0..t only
         x = self.ln_final(x)  # (B, L, W)
@@ -328,9 +342,9 @@ def train(cfg: Config) -> dict:
     lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (Goyal et al. 2017) from the base lr per 256 pairs
     common.print0(f"clip: {total_steps} steps, AdamW lr {lr:.3g}, captions {cfg.captions}")
 
-    raw_model = common.sync_batchnorm(CLIP(cfg.arch, cfg.image_size <= 64, cfg.embed_dim, cfg.context_length,
-                                           cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.init_temperature
-                                           ).to(rt.device), rt)
+    raw_model = CLIP(cfg.arch, cfg.image_size <= 64, cfg.embed_dim, cfg.context_length, cfg.text_width,
+                     cfg.text_layers, cfg.text_heads, cfg.init_temperature)
+    raw_model = common.sync_batchnorm(raw_model.to(rt.device), rt)  # the image trunk's BN, world > 1 on CUDA
     model = common.compile_and_ddp(raw_model, rt)
     # decay on weights (matrices, embeddings, convolutions) only: not on gains, biases or the logit scale
     opt = torch.optim.AdamW(common.param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, cfg.adam_beta2),

@@ -70,11 +70,11 @@ class Config:
     patch_size: int = 4  # side p of a patch: 32 px -> 8 x 8 = 64 patches (16 for 224 px, as the paper)
     decoder_dim: int = 192  # decoder width (paper: 512 for ViT-B/L/H)
     decoder_depth: int = 4  # decoder transformer layers (paper: 8)
-    decoder_heads: int = 3  # decoder attention heads (paper: 16)
+    decoder_heads: int = 3  # decoder attention heads (official code: 16)
     # method
     mask_ratio: float = 0.75  # fraction of patches removed per image (paper Sec. 4.1)
     norm_pix_loss: bool = True  # target = each patch standardized by its own mean and variance (paper Table 1d)
-    crop_min: float = 0.2  # smallest area fraction of the random resized crop (paper App. A.1)
+    crop_min: float = 0.2  # smallest area fraction of the random resized crop (official main_pretrain.py)
     # optim
     epochs: int = 2000  # passes over the training images
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
@@ -113,7 +113,8 @@ class Config:
 
 
 def mae_view(x, cfg):
-    """The paper's only augmentation (App. A.1): uint8 (B,3,H,W) -> normalized (B,3,S,S)."""
+    """The official code's only augmentation, a random resized crop and a flip (the paper lists the
+    crop, Tab. 8; no colour jitter): uint8 (B,3,H,W) -> normalized (B,3,S,S)."""
     x = common.to_float(x)
     x = common.random_resized_crop(x, cfg.image_size, scale=(cfg.crop_min, 1.0))
     x = common.random_flip(x)

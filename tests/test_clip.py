@@ -108,6 +108,19 @@ def test_logit_scale_is_clamped_at_100_after_the_step(tmp_path):
     assert load_ckpt(cfg)["model"]["log_logit_scale"].item() <= math.log(100) + 1e-6  # clamped after the last step too
 
 
+def test_weight_decay_on_weights_only_not_gains_biases_or_the_logit_scale():
+    """Paper Sec. 2.5: decoupled weight decay on all weights that are not gains or biases."""
+    model = small_clip()
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in common.param_groups(model, 0.2)}
+    named = dict(model.named_parameters())
+    for name in ("text.token_embedding.weight", "text.pos_embedding", "text.blocks.0.self_attn.in_proj_weight",
+                 "text.blocks.0.linear1.weight", "backbone.0.weight", "image_proj.weight", "text_proj.weight"):
+        assert id(named[name]) in groups["weights"], name  # weights: decayed
+    gains = ("backbone.1.weight", "text.blocks.0.norm1.weight", "text.ln_final.weight", "log_logit_scale")
+    for name in gains + tuple(n for n in named if n.endswith(("bias", "_bias"))):
+        assert id(named[name]) in groups["biases"], name  # gains, biases and the scale: not decayed
+
+
 # ------------------------------------------------------------------------------------------ model
 
 
@@ -192,8 +205,10 @@ def test_coco_captions_json_trains_a_few_steps(tmp_path):
     path = tmp_path / "coco" / "annotations" / "captions_train2017.json"
     path.write_text(json.dumps(coco))
     rows = clip.read_caption_file(str(path), "")
-    assert len(rows) == 16 and rows[1] == (str(tmp_path / "coco" / "train2017" / names[0]), f"there is one {classes[0]}")
-    cfg = tiny(clip.Config, tmp_path, captions=str(path), subset=16, batch_size=8, epochs=2, max_steps=3, probe_epochs=1, **TEXT)
+    assert len(rows) == 16
+    assert rows[1] == (str(tmp_path / "coco" / "train2017" / names[0]), f"there is one {classes[0]}")
+    cfg = tiny(clip.Config, tmp_path, captions=str(path), subset=16, batch_size=8, epochs=2, max_steps=3,
+               probe_epochs=1, **TEXT)
     results = clip.train(cfg)
     assert results["steps"] == 3 and math.isfinite(results["knn_top1"]) and 0 <= results["zero_shot_top1"] <= 1
 
