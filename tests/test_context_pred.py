@@ -1,5 +1,5 @@
-"""context_pred.py: patch pairs and their position labels, the colour projection, late fusion, and the
-training loop's contract on CPU."""
+"""context_pred.py: patch pairs and their position labels, the colour projection, the per-patch normalization,
+late fusion, and the training loop's contract on CPU."""
 
 import json
 import math
