@@ -8,28 +8,46 @@ C (D x D) between the two views is pushed towards the identity (paper Eq. 1): it
 so that every feature is invariant to the augmentations, and its off-diagonal entries to 0, weighted
 by lambda, so that different features carry different information (redundancy reduction, after
 H. Barlow). No negatives, no predictor, no momentum encoder, no stop-gradient: the decorrelation
-term alone keeps the features from collapsing, and a wide projector helps (paper's ablations). Under DDP the
-batch statistics and C are summed over processes (the paper's all_reduce), so that C is the matrix
-of the global batch. After training, g is thrown away and h = f(x) is the representation.
+term alone keeps the features from collapsing. Under DDP the batch statistics and C are summed over
+processes: C is the matrix of the global batch. After training, g is thrown away and h = f(x) is
+the representation.
 
-    python barlow.py                                             # 1 GPU: CIFAR-10, the recipe below
+    python barlow.py                                             # 1 GPU: CIFAR-10, solo-learn's recipe
     torchrun --standalone --nproc_per_node=8 barlow.py           # 8 GPUs, same global batch of 256
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 barlow.py
     python barlow.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
-The paper has no CIFAR recipe. CIFAR-10 defaults: solo-learn's CIFAR-10 Barlow Twins
-(scripts/pretrain/cifar/barlow.yaml, augmentations/asymmetric.yaml: ResNet-18 with CIFAR stem, batch
-256, 1000 epochs, projector 2048-2048-2048, lambda 0.0051, the paper's asymmetric augmentations
-without blur at 32 px, the loss scaled by 0.1, LARS with trust coefficient 0.02 and each layer's lr
-capped at lr, biases and BN neither adapted nor decayed, lr 0.3 per 256 images, weight decay 1e-4,
-10 warmup epochs, cosine decay to 0), for which solo-learn reports 92.10% linear top-1 (its online
-classifier). The paper's optimizer (Implementation Details, official main.py) is `--lars_eta=0.001
---lars_clip=false --loss_scale=1 --lr=0.2 --lr_biases=0.0048 --weight_decay=1.5e-6 --final_lr_ratio=0.001`.
-ImageNet (paper): ResNet-50, projector 8192-8192-8192, batch 2048,
-blur on, `--image_size=224 --proj_dim=8192 --blur=true --batch_size=2048`.
-Results of this file: not yet measured (see README).
-Evaluated features: the backbone's pooled output h (512-d for ResNet-18); the probe trains on
-frozen h of the un-augmented training images and their flips.
+The paper has no CIFAR recipe; the defaults are solo-learn's CIFAR-10 Barlow Twins (S below:
+scripts/pretrain/cifar/barlow.yaml, augmentations/asymmetric.yaml, solo/utils/lars.py), for which
+solo-learn reports 92.10% top-1 of its online linear classifier. The official main.py sums C over
+its W GPUs with an all_reduce that autograd does not see; after DDP's mean its step follows 1/W of
+the global loss's gradient. This file takes the true gradient at any W; the official W-GPU run is
+`--lars_form=byol --lars_eta=0.001 --lars_clip=false --lr=0.2 --lr_biases=0.0048 --weight_decay=1e-6
+--final_lr_ratio=0.001 --loss_scale=1/W` with 1/W as a number (its README: 16 GPUs, 0.0625), checked
+by tests/dist_barlow_official.py; on ImageNet add `--arch=resnet50 --image_size=224 --proj_dim=8192
+--blur=true --batch_size=2048`. Evaluated features: the backbone's pooled h (512-d for ResNet-18) for
+knn_top1, probe_top1 and linear_top1 (common.evaluate). Results of this file: not yet measured (README).
+
+Departures from the sources (P: the paper, ICML version; C: the official main.py; S: solo-learn, above):
+
+| setting | paper | official code | this file |
+|---|---|---|---|
+| trunk | ResNet-50 (P 2.2) | ResNet-50, zero-init last BN of each block (C) | ResNet-18, CIFAR stem (S; it pads 2 px) |
+| batch, epochs | 2048, 1000, 32 GPUs (P 2.2) | 2048, 1000, 16 GPUs (C README) | 256, 1000 (S) |
+| projector | 3 x 8192, BN + ReLU after two (P 2.2) | as P, no biases (C) | 3 x 2048 (S), no biases (C; S: biases) |
+| lambda | 5e-3 (P 2.2) | 0.0051 (C) | as C (S) |
+| standardization | z.std(0), unbiased (P Alg. 1) | BatchNorm1d(affine=False), synced (C) | as C |
+| loss scale | 1 | 1; W GPUs step on 1/W of the gradient (C) | 0.1 (S); the true gradient |
+| LARS trust ratio | BYOL's (P 2.2) | eta norm(w) / norm(g + wd w) (C) | eta norm(w) / (norm(g) + wd norm(w)) (S) |
+| LARS form | - | lr after the momentum (C: form "byol") | as C (S: form "larc") |
+| LARS eta, clip | - | 0.001, no clip (C) | 0.02, each layer's rate capped at lr (S) |
+| lr per 256 images | 0.2, biases and BN 0.0048 (P 2.2) | as P (C) | 0.3, biases and BN too (S) |
+| weight decay | 1.5e-6, not on biases and BN (P 2.2) | 1e-6, as P (C default) | 1e-4, as P (S) |
+| schedule | 10 warmup epochs, cosine to lr / 1000 (P 2.2) | as P (C) | 10 warmup epochs, cosine to 0 (S) |
+| crops | BYOL's: 224 px, area 0.08-1 (P 2.2) | bicubic (C) | 32 px, bilinear (S: bicubic) |
+| blur | BYOL's: p 1 / 0.1, 23 px kernel (P 2.2) | PIL's, radius = sigma in 0.1-2 (C) | off at 32 px (S); --blur: as C |
+| input | - | ImageNet's mean and std (C) | as C (S: CIFAR-10's) |
+| evaluation | linear, frozen h (P 3.1) | SGD 0.3, 100 epochs, crops (C evaluate.py) | linear_eval (S: online linear) |
 """
 
 import dataclasses
@@ -55,21 +73,22 @@ class Config:
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
     proj_dim: int = 2048  # width of each of the projector's three layers (solo-learn CIFAR; 8192 on ImageNet)
     # method
-    lambd: float = 0.0051  # weight of the off-diagonal (redundancy) terms (official code and solo-learn; paper: ~5e-3)
-    loss_scale: float = 0.1  # the loss is multiplied by this (solo-learn CIFAR; the paper: 1)
+    lambd: float = 0.0051  # weight of the off-diagonal (redundancy) terms (C and S; paper: 5e-3)
+    loss_scale: float = 0.1  # the loss is multiplied by this (S; paper: 1; the official step on W GPUs: 1/W)
     crop_min: float = 0.08  # smallest area fraction of the random resized crop
-    blur: bool = False  # the paper's asymmetric blur (view 1 always, view 2 p=0.1); off at 32 px as solo-learn
+    blur: bool = False  # blur view 1 always, view 2 with p=0.1 (paper, on ImageNet); off at 32 px as S
     # optim
     epochs: int = 1000  # passes over the training images
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
     batch_size: int = 256  # global batch, split across processes
-    lr: float = 0.3  # LARS base lr per 256 images, scaled linearly with the batch (solo-learn; paper: 0.2)
-    lr_biases: float = 0.0  # base lr of biases and BN per 256 images (0: the same as lr, solo-learn; paper: 0.0048)
-    weight_decay: float = 1e-4  # on weights only, not biases and BN (solo-learn; paper: 1.5e-6)
-    lars_eta: float = 0.02  # LARS trust coefficient (solo-learn; paper: 0.001)
-    lars_clip: bool = True  # cap each layer's adapted lr at lr (solo-learn; paper: false)
+    lr: float = 0.3  # LARS base lr per 256 images, scaled linearly with the batch (S; paper: 0.2)
+    lr_biases: float = 0.0  # base lr of biases and BN per 256 images (0: the same as lr, S; paper: 0.0048)
+    weight_decay: float = 1e-4  # on weights only, not biases and BN (S; paper: 1.5e-6; C: 1e-6)
+    lars_form: str = "larc"  # common.LARS form: larc (S) | byol (C) | simclr
+    lars_eta: float = 0.02  # LARS trust coefficient (S; C: 0.001)
+    lars_clip: bool = True  # cap each layer's adapted lr at lr (S; C: false)
     warmup_epochs: int = 10  # linear warmup, then cosine decay to lr * final_lr_ratio
-    final_lr_ratio: float = 0.0  # the cosine ends at lr times this (solo-learn: 0; paper: 0.001)
+    final_lr_ratio: float = 0.0  # the cosine ends at lr times this (S: 0; paper: 0.001)
     # eval
     eval_every: int = 10  # epochs between kNN monitor runs (0 = only at the end)
     probe_epochs: int = 100  # fast linear probe on precomputed frozen features at the end, epochs (0 = none)
@@ -88,6 +107,8 @@ class Config:
             raise ValueError("--lambd, --lr_biases and --final_lr_ratio must be >= 0, --loss_scale and --lars_eta > 0")
         if self.proj_dim < 1 or not 0 < self.crop_min <= 1:
             raise ValueError("--proj_dim must be >= 1 and --crop_min in (0, 1]")
+        if self.lars_form not in ("larc", "byol", "simclr"):
+            raise ValueError(f"--lars_form={self.lars_form} is impossible: it must be larc, byol or simclr")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -95,15 +116,16 @@ class Config:
 
 
 def barlow_view(x, cfg, blur_p, solarize_p):
-    """One augmentation (the paper follows BYOL's recipe): uint8 (B,3,H,W) -> (B,3,S,S). The two views
-    differ only in the probabilities of blur and solarization."""
+    """One augmentation (BYOL's recipe, paper Sec. 2.2): uint8 (B,3,H,W) -> (B,3,S,S). The two views
+    differ only in the probabilities of blur and solarization. The blur is main.py's: PIL's GaussianBlur
+    with radius sigma ~ U(0.1, 2), a kernel reaching 3 sigma (BYOL's 23 px at 224 px cuts it nowhere)."""
     x = common.to_float(x)
     x = common.random_resized_crop(x, cfg.image_size, scale=(cfg.crop_min, 1.0))
     x = common.random_flip(x)
     x = common.color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8)
     x = common.random_grayscale(x, p=0.2)
     if cfg.blur:
-        x = common.gaussian_blur(x, p=blur_p)
+        x = common.gaussian_blur(x, p=blur_p, sigma=(0.1, 2.0), kernel="sigma")
     x = common.solarize(x, p=solarize_p)
     return common.normalize(x)
 
@@ -172,15 +194,16 @@ def train(cfg: Config) -> dict:
     steps_per_epoch = data.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = min(total_steps, cfg.max_steps or total_steps)
-    lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (paper: base lr x BatchSize / 256)
-    bias_ratio = cfg.lr_biases / cfg.lr if cfg.lr_biases else 1.0  # lr of biases and BN / lr of the weights
-    common.print0(f"barlow: {total_steps} steps, LARS lr {lr:.3g} (biases {lr * bias_ratio:.3g}, eta {cfg.lars_eta}, "
-                  f"clip {cfg.lars_clip}), lambda {cfg.lambd}, projector {cfg.proj_dim}")
+    lr = cfg.lr * cfg.batch_size / 256  # linear scaling rule (paper Sec. 2.2: lr x batch size / 256)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    lr_biases = (cfg.lr_biases or cfg.lr) * cfg.batch_size / 256  # of the group "biases" (biases and BN)
+    common.print0(f"barlow: {total_steps} steps, LARS ({cfg.lars_form}, eta {cfg.lars_eta}, clip {cfg.lars_clip}) "
+                  f"lr {lr:.3g} (biases {lr_biases:.3g}), loss x {cfg.loss_scale}, lambda {cfg.lambd}")
 
     raw_model = common.sync_batchnorm(BarlowTwins(cfg.arch, cfg.image_size <= 64, cfg.proj_dim).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
     opt = common.LARS(common.param_groups(raw_model, cfg.weight_decay), lr=lr, momentum=0.9, eta=cfg.lars_eta,
-                      clip=cfg.lars_clip)  # groups: weights, biases + BN
+                      clip=cfg.lars_clip, form=cfg.lars_form)  # groups "weights" and "biases" (biases and BN)
     start_step = 0
     if state := common.load_checkpoint(cfg, rt):
         raw_model.load_state_dict(state["model"])
@@ -198,8 +221,8 @@ def train(cfg: Config) -> dict:
         with log.paused():  # the monitor at random initialisation: the baseline to beat
             monitor(0, 0)
     for step, x, _ in data.steps(start_step, stop_step):  # x: this process's share of the batch, uint8
-        lr_now = common.cosine_lr(step, total_steps, cfg.warmup_epochs * steps_per_epoch, lr, lr * cfg.final_lr_ratio)
-        common.set_lr(opt, lr_now, biases=lr_now * bias_ratio)  # biases and BN: the paper gives them a smaller lr
+        lr_now = common.cosine_lr(step, total_steps, warmup_steps, lr, final_lr=lr * cfg.final_lr_ratio)
+        common.set_lr(opt, lr_now, biases=lr_now * lr_biases / lr)  # biases and BN: the same schedule, their own lr
         # view 1 always blurred, never solarized; view 2 rarely blurred, solarized with p = 0.2 (BYOL's recipe)
         x1, x2 = barlow_view(x, cfg, blur_p=1.0, solarize_p=0.0), barlow_view(x, cfg, blur_p=0.1, solarize_p=0.2)
         with rt.autocast():
@@ -208,7 +231,7 @@ def train(cfg: Config) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()  # collapse monitor: ~1/sqrt(D) healthy, 0 collapsed
+        z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()  # collapse monitor: ~1/sqrt(D), 0 collapsed
         log.step(step, loss=loss, lr=lr_now, z_std=z_std)
 
         if (step + 1) % steps_per_epoch == 0 or step + 1 == stop_step:  # end of an epoch, or of the run
@@ -224,7 +247,8 @@ def train(cfg: Config) -> dict:
     if rt.is_main:  # the encoder alone, loadable into a torchvision ResNet with the same stem (README)
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "barlow", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
-               **metrics, "train_seconds": round(log.train_seconds, 1), "images_per_second": round(log.images_per_second(), 1)}
+               **metrics, "train_seconds": round(log.train_seconds, 1),
+               "images_per_second": round(log.images_per_second(), 1)}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

@@ -1,16 +1,19 @@
-"""barlow.py: the loss against hand computation and its identities, the 2-process equality, and the
-training loop's contract on CPU."""
+"""barlow.py: the loss against hand computation and its identities, the 2-process equality and the
+official code's 2-process step, the recipe's optimizer and blur, and the training loop's contract on CPU."""
 
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
 
 from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
 import barlow
+import common
 
 # ------------------------------------------------------------------------------------------- loss
 
@@ -78,6 +81,52 @@ def test_two_processes_equal_one_process_on_the_global_batch():
     assert p.stdout.count("max grad diff") == 2, p.stdout
 
 
+def test_the_stated_flags_take_the_official_step_on_two_processes():
+    """main.py on 2 processes steps on half the global gradient; the docstring's flags for the official
+    run (loss_scale 1/W, its LARS) take that very step (tests/dist_barlow_official.py)."""
+    p = torchrun(["tests/dist_barlow_official.py"])
+    assert p.stdout.count("official gradient = global gradient / 2") == 2, p.stdout
+    assert p.stdout.count("the same LARS step") == 2, p.stdout
+
+
+# ------------------------------------------------------------------------------------- the recipe
+
+
+def test_blur_is_main_py_pil_blur_sized_by_sigma(monkeypatch):
+    """--blur is main.py's: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2). At sigma 2 PIL spreads a
+    32 px impulse over +-5 px, centre weight 0.035 (measured); a kernel of 10% of the side (3 taps) would
+    keep it within +-1 px at 0.131. The view is driven with every other augmentation off."""
+    real_blur = common.gaussian_blur
+    for name in ("random_resized_crop", "random_flip", "color_jitter", "random_grayscale", "solarize"):
+        monkeypatch.setattr(common, name, lambda x, *args, **kwargs: x)
+    monkeypatch.setattr(common, "gaussian_blur", lambda x, p, sigma=(0.1, 2.0), kernel="side": real_blur(
+        x, 1.0, (2.0, 2.0), kernel))  # blur on, sigma 2, the kernel the file asks for
+    impulse = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    impulse[..., 16, 16] = 255
+    view = barlow.barlow_view(impulse, barlow.Config(blur=True), blur_p=1.0, solarize_p=0.0)[0, 0]
+    blurred = view * common.STD[0] + common.MEAN[0]  # (32, 32): back to [0, 1]
+    pil = np.asarray(Image.fromarray(impulse[0, 0].numpy()).filter(ImageFilter.GaussianBlur(radius=2))) / 255
+    assert (blurred[16, 11:22] > 1e-3).all() and (pil[16, 11:22] > 0).all()  # beyond +-3 px, as PIL's
+    assert abs(blurred[16, 16].item() - pil[16, 16]) < 0.01, (blurred[16, 16].item(), pil[16, 16])
+
+
+def test_default_optimizer_is_solo_learn_lars_and_the_official_one_a_flag_away(tmp_path):
+    """solo-learn's cifar/barlow.yaml: its LARS (solo/utils/lars.py, form "larc"), eta 0.02, clip_lr,
+    exclude_bias_n_norm (biases and BN: no adaptation, no decay), lr 0.3, wd 1e-4, loss x 0.1;
+    main.py: form "byol", eta 0.001, no clipping."""
+    cfg = barlow.Config()
+    assert (cfg.lr, cfg.weight_decay, cfg.loss_scale, cfg.lambd, cfg.proj_dim) == (0.3, 1e-4, 0.1, 0.0051, 2048)
+    for flags, form, eta, clip in [({}, "larc", 0.02, True), (dict(lars_form="byol", lars_eta=0.001, lars_clip=False),
+                                                              "byol", 0.001, False)]:
+        run = tiny(barlow.Config, tmp_path / form, max_steps=2, probe_epochs=0, **FAST, **flags)
+        barlow.train(run)
+        groups = {g["name"]: g for g in load_ckpt(run)["opt"]["param_groups"]}
+        assert (groups["weights"]["form"], groups["weights"]["eta"], groups["weights"]["clip"]) == (form, eta, clip)
+        assert groups["biases"]["lars_exclude"] and groups["biases"]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="--lars_form"):
+        barlow.Config(lars_form="lamb")
+
+
 # -------------------------------------------------------------------------------------- training
 
 FAST = dict(proj_dim=256)  # the loop's contract does not need the 2048-wide projector: a third less CPU time
@@ -98,17 +147,18 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert all(0 < r["z_std"] <= 1 and math.isfinite(r["loss"]) for r in steps)
     # lr_biases = 0 (solo-learn): biases and BN share the weights' lr; neither is decayed
-    groups = load_ckpt(cfg)["opt"]["param_groups"]
-    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"]) and groups[0]["lr"] > 0
-    assert groups[0]["weight_decay"] == cfg.weight_decay and groups[1]["weight_decay"] == 0.0
+    groups = {g["name"]: g for g in load_ckpt(cfg)["opt"]["param_groups"]}
+    assert groups["biases"]["lr"] == pytest.approx(groups["weights"]["lr"]) and groups["weights"]["lr"] > 0
+    assert groups["weights"]["weight_decay"] == cfg.weight_decay and groups["biases"]["weight_decay"] == 0.0
 
 
 def test_own_lr_of_biases_follows_the_schedule(tmp_path):
     """lr_biases > 0 (the paper's 0.0048 with 0.2): the biases' lr is the weights' lr times lr_biases / lr."""
     cfg = tiny(barlow.Config, tmp_path, lr=0.2, lr_biases=0.0048, max_steps=3, probe_epochs=0, **FAST)
     barlow.train(cfg)
-    groups = load_ckpt(cfg)["opt"]["param_groups"]
-    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.0048 / 0.2) and groups[0]["lr"] > 0
+    groups = {g["name"]: g for g in load_ckpt(cfg)["opt"]["param_groups"]}
+    assert groups["biases"]["lr"] == pytest.approx(groups["weights"]["lr"] * 0.0048 / 0.2)
+    assert groups["weights"]["lr"] > 0
 
 
 def test_resume_is_exact(tmp_path):
