@@ -23,7 +23,7 @@ import swav  # noqa: E402
 
 torch.manual_seed(0)  # the same data and weights on every process
 N, Q, K, D, eps, iters, T = 16, 8, 10, 12, 0.05, 3, 0.1
-z, queue, protos = F.normalize(torch.randn(N, D), dim=1), F.normalize(torch.randn(Q, D), dim=1), F.normalize(torch.randn(K, D), dim=1)
+z, queue, protos = (F.normalize(torch.randn(n, D), dim=1) for n in (N, Q, K))  # features, queue, prototypes
 codes_ref = swav.sinkhorn(z @ protos.T, eps, iters)  # (N, K), one process
 codes_queue_ref = swav.sinkhorn(torch.cat([z, queue]) @ protos.T, eps, iters)[:N]  # batch rows of (N + Q, K)
 

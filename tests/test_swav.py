@@ -1,16 +1,20 @@
 """swav.py: Sinkhorn codes, the swapped-prediction loss against hand computation, prototypes and
-queue in the training loop, the 2-process equality, and the loop's contract on CPU."""
+queue in the training loop, the 2-process equality, the recipe's views and optimizer, and the loop's
+contract on CPU."""
 
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
 
+import common
 import swav
 
 
@@ -145,10 +149,10 @@ def test_queue_holds_the_last_features_and_joins_the_codes_once_full(tmp_path, m
     assert rows == [B, B, B, B, B + 64, B + 64, B + 64, B + 64]  # 2 codes a step; full after step 2
 
 
-def test_prototypes_frozen_in_the_first_epoch_then_stepped_and_unit_norm(tmp_path, monkeypatch):
+def test_prototypes_frozen_in_the_first_epochs_then_stepped_and_unit_norm(tmp_path, monkeypatch):
     calls = record_forward(monkeypatch)
     small = dict(subset=256, batch_size=32, max_steps=3, probe_epochs=0)  # 8 steps per epoch
-    frozen = tiny(swav.Config, tmp_path / "a", **small)  # all 3 steps in the frozen first epoch
+    frozen = tiny(swav.Config, tmp_path / "a", **small)  # all 3 steps in the frozen first epochs
     swav.train(frozen)
     init = calls[0][1]
     torch.testing.assert_close(init.norm(dim=1), torch.ones(len(init)))  # unit rows from the start
@@ -171,6 +175,59 @@ def test_config_rejects_impossible_values():
         swav.Config(epsilon=0.01)
     with pytest.raises(ValueError, match="--small_crop_min"):
         swav.Config(small_crop_min=0.5)
+    with pytest.raises(ValueError, match="--final_lr_ratio"):
+        swav.Config(final_lr_ratio=-0.1)
+
+
+# -------------------------------------------------------------------------------------- the recipe
+
+
+def test_blur_is_pil_blur_sized_by_sigma(monkeypatch):
+    """solo-learn and the official multicropdataset.py blur with PIL's GaussianBlur(radius=sigma), sigma
+    ~ U(0.1, 2): at sigma 2 a 32 px impulse spreads over +-5 px, centre weight 0.035 (measured), where a
+    kernel of 10% of the side (3 taps) keeps it within +-1 px at 0.131. The view is driven with blur on,
+    sigma 2, and every other augmentation off."""
+    real_blur = common.gaussian_blur
+    for name in ("random_resized_crop", "random_flip", "color_jitter", "random_grayscale"):
+        monkeypatch.setattr(common, name, lambda x, *args, **kwargs: x)
+    monkeypatch.setattr(common, "gaussian_blur", lambda x, p, sigma=(0.1, 2.0), kernel="side": real_blur(
+        x, 1.0, (2.0, 2.0), kernel))  # blur on, sigma 2, the kernel the file asks for
+    impulse = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    impulse[..., 16, 16] = 255
+    big, _ = swav.swav_views(impulse, swav.Config())
+    blurred = big[0, 0] * common.STD[0] + common.MEAN[0]  # (32, 32): back to [0, 1]
+    pil = np.asarray(Image.fromarray(impulse[0, 0].numpy()).filter(ImageFilter.GaussianBlur(radius=2))) / 255
+    assert (blurred[16, 11:22] > 1e-3).all() and (pil[16, 11:22] > 0).all()  # beyond +-3 px, as PIL's
+    assert abs(blurred[16, 16].item() - pil[16, 16]) < 0.01, (blurred[16, 16].item(), pil[16, 16])
+
+
+def test_defaults_are_solo_learn_cifar_recipe():
+    """scripts/pretrain/cifar/swav.yaml and augmentations/symmetric.yaml, with solo-learn's defaults
+    (warmup_cosine: 10 warmup epochs, min_lr 0; sk_epsilon 0.05, sk_iters 3)."""
+    cfg = swav.Config()
+    recipe = dict(proj_hidden=2048, queue_size=3840, proj_dim=128, n_prototypes=3000, queue_start_epoch=50,
+                  freeze_prototypes_epochs=2, temperature=0.1, batch_size=256, lr=0.6, weight_decay=1e-6,
+                  lars_eta=0.02, lars_clip=True, exclude_bias_n_norm=True, epochs=1000, crop_min=0.08, blur=True,
+                  n_small_crops=0, warmup_epochs=10, final_lr_ratio=0.0, epsilon=0.05, sinkhorn_iters=3)
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
+
+
+def test_lars_is_solo_learn_s_and_the_official_larc_a_flag_away(tmp_path):
+    """solo-learn's LARS (form "larc"; exclude_bias_n_norm: biases and BN neither adapted nor decayed)
+    by default; the official code's apex LARC adapts and decays every parameter, eta 0.001, no clip."""
+    run = tiny(swav.Config, tmp_path / "a", max_steps=2, probe_epochs=0)
+    swav.train(run)
+    groups = {g["name"]: g for g in load_ckpt(run)["opt"]["param_groups"]}
+    assert (groups["weights"]["form"], groups["weights"]["eta"], groups["weights"]["clip"]) == ("larc", 0.02, True)
+    assert groups["biases"]["lars_exclude"] and groups["biases"]["weight_decay"] == 0.0
+    official = tiny(swav.Config, tmp_path / "b", max_steps=2, probe_epochs=0, lars_eta=0.001, lars_clip=False,
+                    exclude_bias_n_norm=False)
+    swav.train(official)
+    (group,) = load_ckpt(official)["opt"]["param_groups"]  # every parameter in one group, as apex's LARC
+    assert (group["form"], group["eta"], group["clip"], group["lars_exclude"]) == ("larc", 0.001, False, False)
+    model = swav.SwAV("tiny", True, official.proj_hidden, official.proj_dim, official.n_prototypes)
+    n_params = len(list(model.parameters()))
+    assert group["weight_decay"] == official.weight_decay and len(group["params"]) == n_params
 
 
 FEATURES = dict(n_small_crops=2, queue_size=128, queue_start_epoch=1)  # multi-crop and the queue on
@@ -186,7 +243,8 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact_including_the_queue(tmp_path):
-    assert_resumes_exactly(swav, tmp_path, queue_size=128, queue_start_epoch=1)  # 5 steps per epoch: queue in use after the resume
+    # 5 steps per epoch, the queue (2 batches) full from step 2 and in use from step 5: after the resume at 4
+    assert_resumes_exactly(swav, tmp_path, queue_size=128, queue_start_epoch=1)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
