@@ -227,7 +227,9 @@ def train(cfg: Config) -> dict:
         x1, x2 = barlow_view(x, cfg, blur_p=1.0, solarize_p=0.0), barlow_view(x, cfg, blur_p=0.1, solarize_p=0.2)
         with rt.autocast():
             z1, z2 = model(x1, x2)  # (B, proj_dim) each
-        loss = cfg.loss_scale * barlow_twins_loss(z1.float(), z2.float(), cfg.lambd)  # statistics and C: global
+        # statistics and C of the global batch, its true gradient at any number of processes (main.py's step
+        # on W GPUs follows 1/W of it: --loss_scale=1/W takes that step, see the docstring)
+        loss = cfg.loss_scale * barlow_twins_loss(z1.float(), z2.float(), cfg.lambd)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -213,7 +213,7 @@ def sinkhorn(scores, epsilon, n_iters):
     """
     q = torch.exp(scores.detach().float() / epsilon)  # (B, K)
     for _ in range(n_iters):
-        q = q / common.all_reduce_sum(q.sum(0, keepdim=True))  # (B, K): each prototype's total over the GLOBAL batch: 1
+        q = q / common.all_reduce_sum(q.sum(0, keepdim=True))  # (B, K): each prototype sums to 1 over the GLOBAL batch
         q = q / q.sum(1, keepdim=True)  # (B, K): every sample's code sums to 1
     return q
 
@@ -250,8 +250,7 @@ def train(cfg: Config) -> dict:
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     B, V = data.batch, 2 + cfg.n_small_crops  # this process's images per step, crops per image
     freeze_steps = cfg.freeze_prototypes_epochs * steps_per_epoch  # prototypes frozen at first (paper A.1)
-    # the queue fills from step 0 and joins the codes from epoch queue_start_epoch, never before it is full
-    # (queue_size / batch_size steps): the official code's rule, as empty rows would be features at the origin
+    # the queue fills from step 0; its features join the codes from epoch queue_start_epoch, once it is full
     queue_start = max(cfg.queue_start_epoch * steps_per_epoch, cfg.queue_size // cfg.batch_size)
     common.print0(f"swav: {total_steps} steps, LARS lr {lr:.3g} (eta {cfg.lars_eta}, clip {cfg.lars_clip}), "
                   f"{cfg.n_prototypes} prototypes, {V} crops, queue {cfg.queue_size} from step "
