@@ -2,7 +2,7 @@
 
 One CPC step on W processes (each holding B = N / W images) must give the loss and the parameter
 gradients of one process holding all N images: the predictions of every process are scored
-against the codes of the GLOBAL batch (common.gather_with_grad), and DDP's averaged gradient is
+against the targets of the GLOBAL batch (common.gather_with_grad), and DDP's averaged gradient is
 that of the mean over all predictions. CPC has no batch norm (layer norm only), so no statistics
 need to be kept out: the comparison is exact up to float rounding.
 """
@@ -21,7 +21,8 @@ import cpc  # noqa: E402
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)  # the same weights and the same global batch on every process
-model = cpc.CPC("tiny", True, context_dim=16, context_blocks=2, pred_steps=3)
+model = cpc.CPC("tiny", True, context_dim=16, context_blocks=2, pred_steps=3, target_dim=8, emb_scale=0.1)
+steps = cpc.prediction_steps(8, 4, 3)  # rows 2, 3, 4 below
 reference = copy.deepcopy(model)
 N = 6
 patches = torch.randn(N, 7, 7, 3, 8, 8)
@@ -29,15 +30,15 @@ patches = torch.randn(N, 7, 7, 3, 8, 8)
 B = N // world
 mine = slice(rank * B, (rank + 1) * B)
 ddp = torch.nn.parallel.DistributedDataParallel(model)
-z, preds = ddp(patches[mine])
-loss, acc = cpc.cpc_loss(preds, common.gather_with_grad(z.float()), rank * B)
+targets, preds = ddp(patches[mine])
+loss, acc = cpc.cpc_loss(preds, common.gather_with_grad(targets.float()), steps, rank * B)
 loss.backward()
 mean_loss = loss.detach().clone()
 dist.all_reduce(mean_loss)  # every process averages over the same number of predictions
 mean_loss /= world
 
-zr, pr = reference(patches)
-loss_ref, _ = cpc.cpc_loss(pr, zr, 0)
+targets_ref, preds_ref = reference(patches)
+loss_ref, _ = cpc.cpc_loss(preds_ref, targets_ref, steps, 0)
 loss_ref.backward()
 
 torch.testing.assert_close(mean_loss, loss_ref.detach(), atol=1e-5, rtol=0)

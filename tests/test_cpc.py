@@ -1,5 +1,5 @@
-"""cpc.py: the patch grid, the context's causality, InfoNCE against hand computation, per-patch
-augmentation, 2-process equality, and the training loop's contract on CPU."""
+"""cpc.py: the patch grid, targets clear of the context, the context's causality, InfoNCE against hand
+computation, per-patch augmentation, 2-process equality, and the training loop's contract on CPU."""
 
 import json
 import math
@@ -16,6 +16,11 @@ import cpc
 FAST = dict(context_dim=32, context_blocks=1, pred_steps=2)  # the loop's tests need no real context network
 
 
+def small_cpc(blocks=3, pred_steps=2):
+    return cpc.CPC("tiny", True, context_dim=16, context_blocks=blocks, pred_steps=pred_steps, target_dim=8,
+                   emb_scale=0.1)
+
+
 # ------------------------------------------------------------------------------------ the grid
 
 
@@ -27,24 +32,86 @@ def test_cut_patches_is_the_overlapping_grid():
         assert torch.equal(patches[:, i, j], x[:, :, 4 * i:4 * i + 8, 4 * j:4 * j + 8])
 
 
+def test_no_target_patch_shares_a_pixel_with_a_patch_its_context_saw(tmp_path):
+    """c[i, j] has seen every patch of rows <= i (all columns, through the masked convolutions). Every
+    target it is asked to predict, in any row i + k of the steps, must share no pixel with those; and
+    the first step must be the first such row (no clear row skipped), for every patch_size and stride."""
+    checked = 0
+    for S in (16, 32, 40):
+        pixel = torch.arange(S * S, dtype=torch.float64).view(1, 1, S, S).expand(1, 3, S, S)  # each pixel's id
+        for size in range(1, S + 1):
+            for stride in range(1, size + 1):
+                if (S - size) % stride:
+                    continue
+                grid = cpc.cut_patches(pixel, size, stride)[0, :, :, 0]  # (G, G, size, size) pixel ids
+                G = len(grid)
+                row = [set(grid[i].long().flatten().tolist()) for i in range(G)]  # the pixels of grid row i
+                clear = [k for k in range(1, G) if not row[0] & row[k]]  # rows below row 0 sharing none of its pixels
+                if not clear:  # no row can be predicted: the config must say so
+                    with pytest.raises(ValueError, match="--pred_steps"):
+                        tiny(cpc.Config, tmp_path, image_size=S, patch_size=size, patch_stride=stride, pred_steps=1)
+                    continue
+                K = G - clear[0]  # the most steps that fit
+                cfg = tiny(cpc.Config, tmp_path, image_size=S, patch_size=size, patch_stride=stride, pred_steps=K)
+                steps = cpc.prediction_steps(cfg.patch_size, cfg.patch_stride, cfg.pred_steps)
+                assert steps[0] == clear[0] and len(steps) == K, (S, size, stride, steps)
+                for k in steps:
+                    for i in range(G - k):
+                        seen = set().union(*row[:i + 1])  # every patch of rows <= i
+                        assert not seen & row[i + k], (S, size, stride, i, k)
+                with pytest.raises(ValueError, match="--pred_steps"):
+                    tiny(cpc.Config, tmp_path, image_size=S, patch_size=size, patch_stride=stride, pred_steps=K + 1)
+                checked += 1
+    assert checked > 50
+    assert cpc.prediction_steps(8, 4, 5) == [2, 3, 4, 5, 6]  # the default grid: 8 px patches, stride 4
+
+
+def test_masked_conv_sees_its_own_row_and_the_one_above():
+    torch.manual_seed(0)
+    conv = cpc.MaskedConv2d(4, 4)
+    x = torch.randn(2, 4, 7, 7)
+    y = conv(x)
+    assert y.shape == x.shape
+    for r in range(7):
+        changed = x.clone()
+        changed[:, :, r] = torch.randn_like(changed[:, :, r])
+        moved = [not torch.allclose(row2, row) for row2, row in zip(conv(changed).unbind(2), y.unbind(2))]
+        assert moved == [i in (r, r + 1) for i in range(7)], r
+
+
 def test_context_at_row_r_does_not_depend_on_patches_below():
     torch.manual_seed(0)
-    model = cpc.CPC("tiny", True, context_dim=16, context_blocks=3, pred_steps=2)
+    model = small_cpc(blocks=3)
     patches = torch.randn(2, 7, 7, 3, 8, 8)
-    z, p = model(patches)
-    c = model.context(z.permute(0, 3, 1, 2))  # (B, Dc, G, G)
+    c = model.context(model.encode(patches))  # (B, G, G, D)
+    targets, p = model(patches)
     for r in range(6):
         changed = patches.clone()
         changed[:, r + 1:] = torch.randn_like(changed[:, r + 1:])  # every patch below row r
-        z2, p2 = model(changed)
-        c2 = model.context(z2.permute(0, 3, 1, 2))
-        assert torch.equal(c2[:, :, :r + 1], c[:, :, :r + 1]), r
+        c2 = model.context(model.encode(changed))
+        _, p2 = model(changed)
+        assert torch.equal(c2[:, :r + 1], c[:, :r + 1]), r
         assert torch.equal(p2[:, :, :r + 1], p[:, :, :r + 1]), r  # the predictions made from rows <= r
-        assert not torch.allclose(c2[:, :, r + 1:], c[:, :, r + 1:])  # the test can fail: the rows below did change
+        assert not torch.allclose(c2[:, r + 1:], c[:, r + 1:])  # the test can fail: the rows below did change
     changed = patches.clone()
-    changed[:, 0] = torch.randn_like(changed[:, 0])  # the top row reaches every row below it
-    c2 = model.context(model.encode(changed).permute(0, 3, 1, 2))
-    assert all(not torch.allclose(c2[:, :, i], c[:, :, i]) for i in range(7))
+    changed[:, 0] = torch.randn_like(changed[:, 0])  # the top row reaches one row further down per block
+    c2 = model.context(model.encode(changed))
+    assert [not torch.allclose(c2[:, i], c[:, i]) for i in range(7)] == [i <= 3 for i in range(7)]
+
+
+def test_predictions_and_targets_meet_in_the_projected_space():
+    """As P2 App. A: targets T z, predictions emb_scale * W_k c, one W_k per step."""
+    torch.manual_seed(0)
+    model = small_cpc(pred_steps=3)
+    patches = torch.randn(2, 7, 7, 3, 8, 8)
+    targets, preds = model(patches)
+    z = model.encode(patches)
+    c = model.context(z)
+    assert targets.shape == (2, 7, 7, 8) and preds.shape == (2, 3, 7, 7, 8)
+    torch.testing.assert_close(targets, z @ model.target.weight.T + model.target.bias)
+    for s, W_k in enumerate(model.predictors):
+        torch.testing.assert_close(preds[:, s], 0.1 * (c @ W_k.weight.T + W_k.bias))
+    assert len({W_k.weight.data_ptr() for W_k in model.predictors}) == 3  # not shared across steps
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -52,30 +119,30 @@ def test_context_at_row_r_does_not_depend_on_patches_below():
 
 def test_cpc_loss_equals_cross_entropy_with_the_positive_index():
     torch.manual_seed(0)
-    B, K, G, D, N, first = 2, 2, 3, 4, 3, 1  # this process holds images 1 and 2 of 3
-    preds, z_all = torch.randn(B, K, G, G, D), torch.randn(N, G, G, D)
-    codes = z_all.reshape(-1, D)  # (N*G*G, D): code of (n, i, j) at row (n*G + i)*G + j
+    B, G, T, N, first, steps = 2, 4, 4, 3, 1, [2, 3]  # this process holds images 1 and 2 of 3
+    preds, targets = torch.randn(B, len(steps), G, G, T), torch.randn(N, G, G, T)
+    candidates = targets.reshape(-1, T)  # (N*G*G, T): target of (n, i, j) at row (n*G + i)*G + j
     losses, hits = [], []
     for b in range(B):
-        for k in range(1, K + 1):
+        for s, k in enumerate(steps):
             for i in range(G - k):
                 for j in range(G):
-                    logits = codes @ preds[b, k - 1, i, j]  # (N*G*G,) every patch of every image
-                    positive = ((first + b) * G + i + k) * G + j
+                    logits = candidates @ preds[b, s, i, j]  # (N*G*G,) every patch of every image
+                    positive = ((first + b) * G + i + k) * G + j  # k rows below, same column, same image
                     losses.append(F.cross_entropy(logits[None], torch.tensor([positive])))
                     hits.append(float(logits.argmax() == positive))
-    assert len(losses) == B * G * (2 + 1)  # k = 1: rows 0, 1; k = 2: row 0
-    loss, acc = cpc.cpc_loss(preds, z_all, first)
+    assert len(losses) == B * G * (2 + 1)  # k = 2: rows 0, 1; k = 3: row 0
+    loss, acc = cpc.cpc_loss(preds, targets, steps, first)
     torch.testing.assert_close(loss, torch.stack(losses).mean())
     assert acc.item() == pytest.approx(sum(hits) / len(hits))
 
 
 def test_cpc_loss_hand_computed():
-    """One image, a 2 x 2 grid, K = 1: the two patches of row 0 predict the two of row 1."""
-    z = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 0.0]]]])  # (1, 2, 2, 2): z[0,i,j]
+    """One image, a 2 x 2 grid, one step k = 1: the two patches of row 0 predict the two of row 1."""
+    targets = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 0.0]]]])  # (1, 2, 2, 2): targets[0,i,j]
     preds = torch.zeros(1, 1, 2, 2, 2)
-    preds[0, 0, 0, 0] = torch.tensor([2.0, 0.0])  # predicts z[1, 0] = (1, 1)
-    preds[0, 0, 0, 1] = torch.tensor([0.0, 1.0])  # predicts z[1, 1] = (-1, 0)
+    preds[0, 0, 0, 0] = torch.tensor([2.0, 0.0])  # predicts targets[1, 0] = (1, 1)
+    preds[0, 0, 0, 1] = torch.tensor([0.0, 1.0])  # predicts targets[1, 1] = (-1, 0)
     preds[0, 0, 1] = 100.0  # row 1 has nothing below: must not count
     codes = [(1, 0), (0, 1), (1, 1), (-1, 0)]
 
@@ -84,10 +151,20 @@ def test_cpc_loss_hand_computed():
         return -scores[positive] + math.log(sum(math.exp(s) for s in scores))
 
     expected = (nll((2, 0), 2) + nll((0, 1), 3)) / 2  # scores (2, 0, 2, -2) and (0, 1, 1, 0)
-    loss, acc = cpc.cpc_loss(preds, z, 0)
+    loss, acc = cpc.cpc_loss(preds, targets, [1], 0)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     # first prediction: tie between codes 0 and 2, argmax picks the first (a miss); second: tie 1, 2 (a miss)
     assert acc.item() == 0.0
+
+
+def test_cpc_loss_hand_computed_two_rows_down():
+    """One image, a 3 x 1 grid, step k = 2: only row 0 predicts, and its positive is row 2, not row 1."""
+    targets = torch.tensor([[[[1.0]], [[2.0]], [[-1.0]]]])  # (1, 3, 1, 1)
+    preds = torch.tensor([[[[[-1.0]], [[50.0]], [[50.0]]]]])  # (1, 1, 3, 1, 1): rows 1 and 2 must not count
+    scores = [-1.0, -2.0, 1.0]  # pred -1 against targets 1, 2, -1
+    expected = -scores[2] + math.log(sum(math.exp(s) for s in scores))
+    loss, acc = cpc.cpc_loss(preds, targets, [2], 0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and acc.item() == 1.0
 
 
 def test_patch_augmentations_are_drawn_per_patch(tmp_path):
@@ -109,7 +186,8 @@ def test_patch_augmentations_are_drawn_per_patch(tmp_path):
 
 
 def test_config_rejects_impossible_values(tmp_path):
-    for bad in (dict(pred_steps=7), dict(pred_steps=0), dict(patch_stride=5), dict(color_drop=1.5), dict(arch="vit")):
+    for bad in (dict(pred_steps=6), dict(pred_steps=0), dict(patch_stride=5), dict(color_drop=1.5),
+                dict(target_dim=0), dict(emb_scale=0.0), dict(arch="vit")):
         with pytest.raises(ValueError, match="--" + list(bad)[0]):
             tiny(cpc.Config, tmp_path, **bad)
 
