@@ -85,7 +85,9 @@ def learning_run(module, tmp_path, probe_epochs=0, test_images=0, **overrides):
         common.evaluate, common.load_data = real_evaluate, real_load
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     init = next(r for r in log if r["step"] == 0)
-    steps = [r for r in log if "loss" in r]
+    # the training records every log_every steps (the first step's record, and any written because 30 s passed,
+    # are left out: at step 1 MoCo's queue still holds random keys, and the step includes compilation)
+    steps = [r for r in log if "loss" in r and (r["step"] % cfg.log_every == 0 or r["step"] == results["steps"])]
     shown = [k for k in ("knn_top1", "probe_top1", "linear_top1") + tuple(k for k in init if k.endswith(("top1", "mse", "auc", "_loss")))
              if init.get(k) is not None and isinstance(results.get(k), float)]
     print(f"{module.__name__} on {cfg.dataset}, {results['steps']} steps: " +
