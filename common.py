@@ -78,7 +78,8 @@ def parse_config(Config, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     hook = sys.excepthook  # the user's mistakes read as one line, bugs keep their traceback
-    sys.excepthook = lambda kind, e, tb: print(f"error: {e}", file=sys.stderr) if kind == RunError else hook(kind, e, tb)
+    sys.excepthook = lambda kind, e, tb: print(f"error: {e}", file=sys.stderr) if kind == RunError else hook(
+        kind, e, tb)
     return cfg
 
 def check_config(cfg, archs=ARCHS):
@@ -134,7 +135,8 @@ _owned_group = []  # the process group setup() made, if any
 
 def setup(cfg):
     """torchrun env vars -> process group (NCCL on CUDA, gloo on CPU); device, precision, seed, out_dir."""
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
+                                                                         ("LOCAL_RANK", 0)))
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if not cuda and cfg.arch != "tiny":
         print0(f"note: a GPU recipe ({cfg.arch}, batch {cfg.batch_size}, {cfg.epochs} epochs) is running on the CPU, "
@@ -147,7 +149,8 @@ def setup(cfg):
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
         _owned_group.append(dist.group.WORLD)  # cleanup() destroys it; a group the caller made stays
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.bfloat16 if cuda else torch.float32}
-    rt = Runtime(rank, world, device, dtype[cfg.dtype], cfg.compile.lower() == "true" or (cfg.compile == "auto" and cuda))
+    compile_on = cfg.compile.lower() == "true" or (cfg.compile == "auto" and cuda)
+    rt = Runtime(rank, world, device, dtype[cfg.dtype], compile_on)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     if rt.is_main:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -233,8 +236,9 @@ def make_synthetic(n, size=32, seed=0):
     dy, dx, angle = (yy - cy) / scale, (xx - cx) / scale, (angle - 0.5) / 2
     a, b = dx * angle.cos() + dy * angle.sin(), -dx * angle.sin() + dy * angle.cos()  # rotated shape frame
     r = (a**2 + b**2).sqrt()
+    cross = ((a.abs() < 0.3) & (b.abs() < 1)) | ((b.abs() < 0.3) & (a.abs() < 1))
     masks = torch.stack([r < 1, torch.maximum(a.abs(), b.abs()) < 0.8, (b > -0.5) & (b < 1 - 1.732 * a.abs()),
-                         (r > 0.55) & (r < 1), ((a.abs() < 0.3) & (b.abs() < 1)) | ((b.abs() < 0.3) & (a.abs() < 1))], 1)
+                         (r > 0.55) & (r < 1), cross], 1)  # (n, 5, H, W): disk, square, triangle, ring, cross
     inside = masks[torch.arange(n), y % 5][:, None]  # (n, 1, H, W): the class's shape
     phase = u(n, 1, 1) * math.pi
     stripes = torch.sin((a * phase.cos() + b * phase.sin()) * (6 + 6 * u(n, 1, 1)) + u(n, 1, 1) * 6.3) > 0
@@ -272,7 +276,7 @@ def _load_arrays(name, root, rt):
         except Exception as e:  # offline, blocked, disk full: one clear message, never a silent switch
             raise RunError(f"{name} is not in {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}: "
                            f"{str(e)[:200]}). Put {name}.npz (keys x_train, y_train, x_test, y_test; uint8 HWC images) "
-                           "there, point --data_dir or SSL_DATA at it, or run offline with --dataset=synthetic.") from None
+                           "there, point --data_dir or SSL_DATA at it, or run with --dataset=synthetic.") from None
         np.savez(path[:-4] + ".tmp.npz", **arrays)
         os.replace(path[:-4] + ".tmp.npz", path)
     if dist.is_initialized():
@@ -344,7 +348,8 @@ class Data:
         """This process's slice of each global batch of an epoch: (steps, batch_size / world) indices."""
         n, W, r = len(self.labels(split)), self.rt.world_size, self.rt.rank
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return perm[: n // batch_size * batch_size].view(-1, batch_size)[:, r * batch_size // W:(r + 1) * batch_size // W]
+        rows = perm[: n // batch_size * batch_size].view(-1, batch_size)  # (steps, batch_size): the global batches
+        return rows[:, r * batch_size // W:(r + 1) * batch_size // W]
 
     def steps(self, start, stop):
         """(step, x, y) for steps start..stop-1, x this process's part of the global batch. Each step
@@ -375,8 +380,8 @@ def load_data(cfg, rt):
         train, test = _Folder(train_dir, cfg.image_size, cfg.subset, cfg.seed), _Folder(val_dir, cfg.image_size)
         if train.classes != test.classes:
             only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))[:5]) or "none"  # noqa: E731
-            raise RunError(f"{train_dir} and {val_dir} hold different class folders (only in train: {only(train, test)}; "
-                           f"only in val: {only(test, train)}): their labels would not match")
+            raise RunError(f"{train_dir} and {val_dir} hold different class folders (only in train: "
+                           f"{only(train, test)}; only in val: {only(test, train)}): their labels would not match")
         classes = train.classes
     else:
         names, splits = [], ("x_train", "y_train", "x_test", "y_test")
@@ -421,8 +426,9 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=
     fits = (w <= 1) & (h <= 1)
     w, h = (torch.where(fits.any(1), v.gather(1, fits.int().argmax(1, keepdim=True))[:, 0], 1.0) for v in (w, h))
     theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 1, 1] = w, h
-    theta[:, 0, 2], theta[:, 1, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w), (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h  # scale, then a random centre that keeps the crop inside the image
+    theta[:, 0, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)
+    theta[:, 1, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
     grid = F.affine_grid(theta, (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -445,8 +451,9 @@ def _adjust_hue(x, shift):
     return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)  # HSV -> RGB, the three channels at once
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
-    """torchvision's ColorJitter for each image (as the SimCLR and BYOL code): with probability p, the
-    four adjustments, each with a factor of its own, in a random order of its own. x in [0,1].
+    """torchvision's ColorJitter for each image: with probability p, the four adjustments, each with a
+    factor of its own, in a random order of its own (SimCLR's and BYOL's TF code differ: an additive
+    brightness, a contrast around each channel's mean; their files' tables say so). x in [0,1].
 
     In each of the four slots of the order, every image gets the adjustment its order puts there:
     the three cheap ones are computed for the batch and picked per image with torch.where; the costly
@@ -485,7 +492,8 @@ def gaussian_blur(x, p, sigma=(0.1, 2.0), kernel="side"):
     kern = torch.exp(-t**2 / (2 * torch.empty(B, 1, device=x.device).uniform_(*sigma) ** 2))  # (B, k)
     kern = torch.where(_per_image(x, p).view(B, 1), kern / kern.sum(1, keepdim=True), (t == 0).to(x.dtype))
     kern = kern.repeat_interleave(C, 0)  # (B*C, k): separable, reflect padding
-    out = F.conv2d(F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect"), kern.view(-1, 1, k, 1), groups=B * C)
+    out = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    out = F.conv2d(out, kern.view(-1, 1, k, 1), groups=B * C)
     return F.conv2d(out, kern.view(-1, 1, 1, k), groups=B * C).view(B, C, H, W)
 
 def solarize(x, p, threshold=0.5):
@@ -499,19 +507,21 @@ def normalize(x, mean=MEAN, std=STD):
 # -------------------------------------------------------------------------------------------------
 # models and optimization
 
-def resnet(arch, small_images=True):
-    """Backbone without its classifier -> (module: (B,3,H,W) -> (B, width), width). resnet18/34/50
+def resnet(arch, small_images=True, in_channels=3):
+    """Backbone without its classifier -> (module: (B,C,H,W) -> (B, width), width). resnet18/34/50
     are torchvision's; small_images swaps in CIFAR's stem (3x3 stride-1 conv, no max-pool), so the
     weights load into a torchvision ResNet given the same stem. `tiny`: 4 convs, for CPU runs."""
     if arch == "tiny":
-        layers, c_in = [], 3
+        layers, c_in = [], in_channels
         for c_out, stride in [(16, 1), (32, 2), (64, 2), (128, 2)]:
             layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
     net = getattr(torchvision.models, arch)()
     if small_images:
-        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        net.conv1, net.maxpool = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     width, net.fc = net.fc.in_features, nn.Identity()
     return net, width
 
@@ -616,8 +626,9 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
     n_classes, k, correct = int(train_labels.max()) + 1, min(k, len(train_labels)), 0
     for feats, labels in zip(test_feats.split(1024), test_labels.split(1024)):
         sim, idx = (feats @ train_feats.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(feats), n_classes, device=feats.device)
-        correct += (votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()).argmax(1) == labels).sum().item()
+        votes = torch.zeros(len(feats), n_classes, device=feats.device).scatter_add_(1, train_labels[idx],
+                                                                                     (sim / temperature).exp())
+        correct += (votes.argmax(1) == labels).sum().item()
     return correct / len(test_labels)
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100, batch_size=256, lr=1e-2,
@@ -830,7 +841,7 @@ def lab_to_rgb(lab, clamp=True):
     rgb = torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
     return rgb.clamp(0, 1) if clamp else rgb
 
-# colour prediction (colorization.py, splitbrain.py; Zhang et al. 2016, 2017): ab bins, annealed mean, pixel classifier
+# colour prediction (colorization.py, splitbrain.py; Zhang et al. 2016, 2017): ab bins, annealed mean, the net
 
 def ab_bins(grid=10.0, L_step=0.1):
     """(Q, 2) centres of the ab cells (side `grid`) that are sRGB colours for some L in [0, 100]: 229 for grid 10.
@@ -852,16 +863,13 @@ def annealed_mean(logits, centres, temperature):
     return torch.einsum("bqhw,qc->bchw", torch.softmax(logits.float() / temperature, dim=1), centres)
 
 class PixelClassifier(nn.Module):
-    """(B,C,H,W) -> logits (B, n_bins, H/4, W/4). backbone: resnet(arch), its first conv reading C channels;
+    """(B,C,H,W) -> logits (B, n_bins, H/4, W/4). backbone: resnet(arch) reading C channels (L, or ab);
     backbone(x) (B, width) is the representation. Head: 3x3 conv, BN, ReLU on its last map, upsampling, 1x1 conv."""
     stride = 4  # the logits' grid is 1/4 of the image side, as the colorization net's (56 x 56 at 224 px)
 
     def __init__(self, arch, small_images, in_channels, n_bins):
         super().__init__()
-        self.backbone, width = resnet(arch, small_images)
-        name, c = next((n, m) for n, m in self.backbone.named_modules() if isinstance(m, nn.Conv2d))  # the first conv
-        setattr(self.backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2],
-                nn.Conv2d(in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=c.bias is not None))
+        self.backbone, width = resnet(arch, small_images, in_channels)
         self.mix = nn.Sequential(nn.Conv2d(width, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2),
                                  nn.ReLU(inplace=True))
         self.classify = nn.Conv2d(width // 2, n_bins, 1)
