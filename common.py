@@ -588,7 +588,8 @@ class Progress:
     duration at the end if it took longer than that; main process only."""
 
     def __init__(self, what, total):
-        self.what, self.total, self.start, self.last = what, total, time.time(), time.time()
+        self.what, self.total = what, total
+        self.start = self.last = time.time()
 
     def __call__(self, done):
         now, soon = time.time(), min(5, PROGRESS_SECONDS)

@@ -54,3 +54,17 @@ def test_a_gpu_recipe_on_the_cpu_says_so_first_then_how_long_it_would_take(tmp_p
 def test_a_cpu_sized_run_has_no_notice(tmp_path, capsys):
     simclr.train(tiny(simclr.Config, tmp_path, max_steps=1, probe_epochs=0))
     assert "note:" not in capsys.readouterr().out
+
+
+def test_evaluation_progress_comes_5_seconds_in_then_every_30_then_its_duration(monkeypatch, capsys):
+    clock = iter([0.0, 4.0, 6.0, 20.0, 36.5, 40.0])  # what time.time() says at each call
+
+    class Clock:
+        time = staticmethod(lambda: next(clock))
+
+    monkeypatch.setattr(common, "time", Clock)
+    progress = common.Progress("eval: x", 100)  # t = 0
+    for done in (10, 20, 30, 40, 100):  # at t = 4, 6, 20, 36.5, 40
+        progress(done)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["eval: x 20/100", "eval: x 40/100", "eval: x: 100 in 0:00:40"]
