@@ -697,8 +697,8 @@ def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
     if linear_epochs == -1:
         linear_epochs = 100 if rt.device.type == "cuda" else 0
         if not linear_epochs:
-            print0("eval: linear_top1 is not run on the CPU (100 epochs through the backbone would take hours): "
-                   "--linear_epochs=N runs it")
+            print0("eval: linear_top1 not run: on the CPU only when asked, --linear_epochs=N (its 100 epochs through "
+                   "the backbone take hours for a ResNet here)")
     model.eval()
     train, train_y = extract_features(features, data, "train", rt, flip=probe_epochs > 0)
     test, test_y = extract_features(features, data, "test", rt)

@@ -97,7 +97,7 @@ def test_evaluate_names_and_nulls(tmp_path, capsys):
     assert set(out) == {"knn_top1", "probe_top1", "linear_top1"} and out["probe_top1"] is None is out["linear_top1"]
     out = common.evaluate(net, features, data, rt, probe_epochs=100, linear_epochs=-1)  # -1 on the CPU: not run
     assert out["probe_top1"] > 0.9 and out["linear_top1"] is None
-    assert "linear_top1 is not run on the CPU" in capsys.readouterr().out
+    assert "linear_top1 not run: on the CPU only when asked" in capsys.readouterr().out
 
 
 def test_smoke_run_with_one_linear_epoch_writes_all_three(tmp_path):
