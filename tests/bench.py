@@ -117,7 +117,8 @@ from pathlib import Path
 from conftest import tiny
 from test_learning import SYNTHETIC
 module = importlib.import_module({name!r})
-settings = {{k: v for k, v in SYNTHETIC[{name!r}][0].items() if k not in ("epochs", "subset", "batch_size", "probe_epochs")}}
+settings = {{k: v for k, v in SYNTHETIC[{name!r}][0].items()
+            if k not in ("epochs", "subset", "batch_size", "probe_epochs")}}
 module.common.make_synthetic(10_000, 32, seed=0), module.common.make_synthetic(2_000, 32, seed=1)  # cached: made before
 peak, done = [0], threading.Event()  # the resident memory of the process, sampled every 5 ms during train()
 
@@ -128,7 +129,8 @@ def sample():
 
 threading.Thread(target=sample, daemon=True).start()
 with tempfile.TemporaryDirectory() as tmp:
-    cfg = tiny(module.Config, Path(tmp), subset=3072, batch_size=128, epochs=1, max_steps=24, log_every=8, probe_epochs=0,
+    cfg = tiny(module.Config, Path(tmp), subset=3072, batch_size=128, epochs=1, max_steps=24, log_every=8,
+               probe_epochs=0,
                **settings)
     results = module.train(cfg)
 done.set()
@@ -142,7 +144,8 @@ def method_rows(methods):
     rows = []
     for name in methods:
         code = METHOD_RUN.format(root=root, tests=os.path.join(root, "tests"), name=name)
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         line = next((x for x in p.stdout.splitlines() if x.startswith("BENCH ")), None)
         if line is None:
             raise SystemExit(f"{name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -168,7 +171,8 @@ def main():
     cpu = torch.device("cpu")
     devices = [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    print(f"# nanossl bench: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, CPU {platform.processor() or platform.machine()} "
+    cpu = platform.processor() or platform.machine()
+    print(f"# nanossl bench: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, CPU {cpu} "
           f"x {os.cpu_count()} cores ({torch.get_num_threads()} threads), GPU {gpu}\n")
 
     if not METHODS_ONLY:
@@ -202,7 +206,8 @@ def main():
     print("\n## 4. Every method's training loop (CPU: tiny trunk, synthetic data, batch 128, 24 steps)\n")
     bare = bare_tiny_images_per_second()
     print(f"bare tiny trunk, forward+backward of 2 views of 32 px: {bare:,.0f} images/s\n")
-    print("| method | training images/s | time per image / bare two-view trunk | peak resident memory in train() (MB) |")
+    print("| method | training images/s | time per image / bare two-view trunk "
+          "| peak resident memory in train() (MB) |")
     print("|---|---|---|---|")
     for name, ips, mb in method_rows(METHODS):
         print(f"| {name} | {ips:,.0f} | {bare / ips:.2f} | {mb:,.0f} |")

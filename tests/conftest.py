@@ -22,7 +22,8 @@ RESULT_KEYS = {"method", "dataset", "arch", "epochs", "steps", "knn_top1", "prob
 def tiny(Config, tmp_path, **overrides):
     """A Config for a seconds-long CPU run: tiny trunk, synthetic data, small batch, no warmup."""
     base = dict(dataset="synthetic", arch="tiny", subset=512, batch_size=64, epochs=1, eval_every=0,
-                probe_epochs=2, linear_epochs=0, log_every=2, warmup_epochs=0, device="cpu", out_dir=str(tmp_path / "out"))
+                probe_epochs=2, linear_epochs=0, log_every=2, warmup_epochs=0, device="cpu",
+                out_dir=str(tmp_path / "out"))
     fields = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in {**base, **overrides}.items() if k in fields or k in overrides})
 
@@ -88,7 +89,8 @@ def learning_run(module, tmp_path, probe_epochs=0, test_images=0, **overrides):
     # the training records every log_every steps (the first step's record, and any written because 30 s passed,
     # are left out: at step 1 MoCo's queue still holds random keys, and the step includes compilation)
     steps = [r for r in log if "loss" in r and (r["step"] % cfg.log_every == 0 or r["step"] == results["steps"])]
-    shown = [k for k in ("knn_top1", "probe_top1", "linear_top1") + tuple(k for k in init if k.endswith(("top1", "mse", "auc", "_loss")))
+    own = tuple(k for k in init if k.endswith(("top1", "mse", "auc", "_loss")))  # the method's own metrics
+    shown = [k for k in ("knn_top1", "probe_top1", "linear_top1") + own
              if init.get(k) is not None and isinstance(results.get(k), float)]
     print(f"{module.__name__} on {cfg.dataset}, {results['steps']} steps: " +
           ", ".join(f"{k} {init[k]:.4f} -> {results[k]:.4f}" for k in dict.fromkeys(shown)) +

@@ -25,7 +25,8 @@ for name in sys.argv[2:]:
     for m in ("common", name):
         sys.modules.pop(m, None)
     sys.argv = [f"{name}.py", "--dataset=synthetic", "--arch=tiny", "--subset=64", "--batch_size=32", "--epochs=1",
-                "--eval_every=0", "--probe_epochs=1", "--warmup_epochs=0", "--log_every=1", "--device=cpu", "--out_dir=out"]
+                "--eval_every=0", "--probe_epochs=1", "--warmup_epochs=0", "--log_every=1", "--device=cpu",
+                "--out_dir=out"]
     runpy.run_path(f"{name}.py", run_name="__main__")
     assert sys.modules["common"].__file__ == os.path.join(folder, "common.py")
     results = json.load(open(os.path.join(folder, "out", "results.json")))

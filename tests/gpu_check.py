@@ -50,7 +50,8 @@ def arg(name, default):
 
 DRY = "--dry-run" in sys.argv
 OUT_DIR = os.path.join(ROOT, "out", "gpu_check")
-REPORT = arg("out", os.path.join(OUT_DIR, "results_dryrun.md") if DRY else os.path.join(ROOT, "tests", "results_gpu.md"))
+REPORT = arg("out", os.path.join(OUT_DIR, "results_dryrun.md") if DRY else
+             os.path.join(ROOT, "tests", "results_gpu.md"))
 STEPS = arg("steps", 4 if DRY else 40)
 PARALLEL = arg("parallel", 2 if DRY else 4)
 MINUTES = arg("minutes", 0.1 if DRY else 5.0)
@@ -73,8 +74,9 @@ def build_cifar10(jpeg_path, out_path, device, limit=None):
 
 
 def part_data(device):
-    jpeg = next((p for p in (arg("jpeg", ""), os.path.join(ROOT, "data", "cifar10_jpeg.npz"),
-                             os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.npz")) if p and os.path.exists(p)))
+    places = (arg("jpeg", ""), os.path.join(ROOT, "data", "cifar10_jpeg.npz"),
+              os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.npz"))
+    jpeg = next(p for p in places if p and os.path.exists(p))
     data_dir = os.path.join(OUT_DIR, "data") if DRY else os.path.join(ROOT, "data")
     os.makedirs(data_dir, exist_ok=True)
     t = time.time()
@@ -106,7 +108,8 @@ def run_method(name, data_dir, steps, extra=()):
     t = time.time()
     p = subprocess.run([sys.executable, f"{name}.py", *flags], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"} if DRY else None)
-    row = {"method": name, "exit": p.returncode, "wall": time.time() - t, "command": f"python {name}.py " + " ".join(flags)}
+    row = {"method": name, "exit": p.returncode, "wall": time.time() - t,
+           "command": f"python {name}.py " + " ".join(flags)}
     try:
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         steps_log = [r for r in log if "loss" in r]
@@ -189,7 +192,8 @@ def report(data, recipes, full, throughput, peak, device, seconds):
               f"| {data.get('images', '-')} | {data.get('device', '-')} | {data.get('seconds', 0):.1f} | "
               f"{data.get('mean_abs_diff', float('nan')):.3f} | {data.get('ok')} |", ""]
     lines += ["## 2. Every default recipe, briefly", "", f"{STEPS} steps each, {PARALLEL} processes at once.", "",
-              "| method | exit | batch | first step (s, compile included) | images/s (last steps) | peak GPU memory (GiB) "
+              "| method | exit | batch | first step (s, compile included) | images/s (last steps) "
+              "| peak GPU memory (GiB) "
               "| last loss | ok |", "|---|---|---|---|---|---|---|---|"]
     for r in recipes if isinstance(recipes, list) else []:
         lines.append(f"| {r['method']} | {r['exit']} | {r.get('batch', '-')} | {r.get('first_step', math.nan):.1f} | "
@@ -197,12 +201,15 @@ def report(data, recipes, full, throughput, peak, device, seconds):
                      f"{r.get('loss', math.nan):.4g} | {r['ok']} |")
     failed = [r for r in recipes if not r["ok"]] if isinstance(recipes, list) else []
     lines += [""] + [f"- {r['method']} failed: `{r['command']}`: {r.get('error', '')[-600:]}" for r in failed]
-    lines += ["", "## 3. SimCLR ResNet-18 on all of CIFAR-10" + (" (dry run: tiny trunk, synthetic)" if DRY else ""), ""]
+    dry_note = " (dry run: tiny trunk, synthetic)" if DRY else ""
+    lines += ["", "## 3. SimCLR ResNet-18 on all of CIFAR-10" + dry_note, ""]
     if "results" in full:
         res = full["results"]
-        lines += [f"`{full['command']}`: {full['epochs']} epochs (an epoch measured at {full['epoch_seconds']:.1f} s in "
+        lines += [f"`{full['command']}`: {full['epochs']} epochs (an epoch measured at "
+                  f"{full['epoch_seconds']:.1f} s in "
                   f"part 2), {full['wall'] / 60:.1f} minutes with its evaluations.", "",
-                  "| knn_top1 | probe_top1 | linear_top1 | kNN monitor (epoch: top-1) | published figure at these epochs |",
+                  "| knn_top1 | probe_top1 | linear_top1 | kNN monitor (epoch: top-1) "
+                  "| published figure at these epochs |",
                   "|---|---|---|---|---|",
                   f"| {res['knn_top1']:.2%} | {res['probe_top1']:.2%} | "
                   f"{'-' if res['linear_top1'] is None else format(res['linear_top1'], '.2%')} | "
@@ -210,7 +217,8 @@ def report(data, recipes, full, throughput, peak, device, seconds):
     else:
         lines.append(f"failed: {full.get('error', '')[-800:]}")
     lines += ["", "## 4. SimCLR ResNet-18 training step: throughput and MFU", "",
-              f"Model FLOPs of a forward+backward (torch.utils.flop_counter) per second, over the GPU's dense bf16 peak "
+              "Model FLOPs of a forward+backward (torch.utils.flop_counter) per second, over the GPU's "
+              f"dense bf16 peak "
               f"({peak or 'unknown'} TFLOP/s; H200: NVIDIA's datasheet gives 1,979 with sparsity).", "",
               "| variant | batch | images/s | model TFLOP/s | MFU |", "|---|---|---|---|---|"]
     for r in throughput if isinstance(throughput, list) else []:
@@ -218,7 +226,8 @@ def report(data, recipes, full, throughput, peak, device, seconds):
             lines.append(f"| {r['variant']} | - | - | - | {r['skipped']} |")
         else:
             mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['images_per_second']:,.0f} | {r['tflops']:.2f} | {mfu} |")
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['images_per_second']:,.0f} | {r['tflops']:.2f} "
+                         f"| {mfu} |")
     ok = data.get("ok") and isinstance(recipes, list) and all(r["ok"] for r in recipes) and full.get("ok") and \
         isinstance(throughput, list) and all(r["ok"] for r in throughput)
     lines += ["", f"Every part passed: {bool(ok)}.", ""]

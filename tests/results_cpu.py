@@ -65,8 +65,8 @@ def run(row_command, out_dir, data_dir):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    flag = lambda key, default: int(next((a.split("=")[1] for a in sys.argv[1:] if a.startswith(f"--{key}=")), default))  # noqa: E731
-    epochs, subset = flag("epochs", 3), flag("subset", 10_000)
+    given = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    epochs, subset = int(given.get("epochs", 3)), int(given.get("subset", 10_000))
     data_dir = cifar10_root()
     if not data_dir:
         sys.exit("set SSL_DATA to the folder holding cifar10.npz (e.g. SSL_DATA=../shared/data)")
@@ -75,7 +75,8 @@ def main():
         cmd = command(name, epochs, subset)
         with tempfile.TemporaryDirectory() as tmp:
             init, results, seconds = run(cmd, tmp, data_dir)
-        rows[name] = (f"| {name} | {epochs} | {results['steps']} | {init['knn_top1']:.2%} -> {results['knn_top1']:.2%} | "
+        knn = f"{init['knn_top1']:.2%} -> {results['knn_top1']:.2%}"
+        rows[name] = (f"| {name} | {epochs} | {results['steps']} | {knn} | "
                       f"{results['probe_top1']:.2%} | {results['images_per_second']:.0f} | {seconds / 60:.1f} min | "
                       f"`{cmd}` |")
         write(rows, epochs, subset)
@@ -87,7 +88,8 @@ def script_command(epochs, subset):
 
 def kept_rows(epochs, subset):
     """The rows of an earlier results_cpu.md written with the same subset and epochs and the same columns."""
-    if not os.path.exists(OUT) or script_command(epochs, subset) not in open(OUT).read() or HEADER not in open(OUT).read():
+    text = open(OUT).read() if os.path.exists(OUT) else ""
+    if script_command(epochs, subset) not in text or HEADER not in text:
         return {}
     rows = [line.rstrip("\n") for line in open(OUT) if line.startswith("| ") and not line.startswith("| method")]
     return {row.split("|")[1].strip(): row for row in rows}

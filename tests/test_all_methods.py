@@ -34,7 +34,8 @@ def test_help_lists_every_field_with_default_and_comment(name, capsys):
         line = next((x for x in lines if x.strip().startswith(f"--{f.name}=")), None)
         assert line is not None, f"{name}: --{f.name} missing from --help"
         flag, _, comment = line.strip().partition(" ")
-        assert flag == f"--{f.name}={f.default}" and comment.strip(), f"{name}: {line!r} needs its default and a comment"
+        assert flag == f"--{f.name}={f.default}" and comment.strip(), \
+            f"{name}: {line!r} needs its default and a comment"
 
 
 def test_importing_a_method_has_no_side_effects(tmp_path):

@@ -253,7 +253,8 @@ def test_knn_and_probe_on_separable_and_random_features():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 32, generator=g)
     ytr, yte = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (500,), generator=g)
-    xtr, xte = centres[ytr] + 0.3 * torch.randn(2000, 32, generator=g), centres[yte] + 0.3 * torch.randn(500, 32, generator=g)
+    xtr = centres[ytr] + 0.3 * torch.randn(2000, 32, generator=g)
+    xte = centres[yte] + 0.3 * torch.randn(500, 32, generator=g)
     assert common.knn_accuracy(xtr, ytr, xte, yte) > 0.98
     assert common.linear_probe(xtr, ytr, xte, yte, epochs=20) > 0.98
     rtr, rte = torch.randn(2000, 32, generator=g), torch.randn(500, 32, generator=g)  # no information
@@ -374,6 +375,8 @@ def test_npz_format_round_trip(tmp_path, monkeypatch):
 def test_read_image_in_a_fresh_process(tmp_path):
     """common alone must import what read_image needs (an earlier bug hid behind the tests' imports)."""
     torchvision.io.write_png((torch.rand(3, 40, 50) * 255).to(torch.uint8), str(tmp_path / "x.png"))
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import common; print(tuple(common.read_image({str(tmp_path / 'x.png')!r}, 32).shape))"
+    png = str(tmp_path / "x.png")
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import common; "
+            f"print(tuple(common.read_image({png!r}, 32).shape))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.stdout.strip() == "(3, 32, 32)", p.stderr

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, cifar10_dir, first_test_images, tiny
+from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, cifar10_dir,
+                      first_test_images, tiny)
 
 import common
 import simclr
@@ -22,7 +23,8 @@ def test_nt_xent_hand_computed():
     z1 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     z2 = torch.tensor([[1.0, 1.0], [3.0, -3.0]])
     T = 0.5
-    u = [(a / math.hypot(a, b), b / math.hypot(a, b)) for a, b in [(1, 0), (0, 1), (1, 1), (1, -1)]]  # normalized: z1[0], z1[1], z2[0], z2[1]
+    # normalized: z1[0], z1[1], z2[0], z2[1]
+    u = [(a / math.hypot(a, b), b / math.hypot(a, b)) for a, b in [(1, 0), (0, 1), (1, 1), (1, -1)]]
     cos = lambda a, b: a[0] * b[0] + a[1] * b[1]  # noqa: E731
     total = 0.0
     for i, pos in [(0, 2), (1, 3), (2, 0), (3, 1)]:
@@ -71,7 +73,8 @@ def test_training_loss_is_the_official_objective(tmp_path, monkeypatch):
     """train() minimizes the official code's loss_a + loss_b (twice the paper's mean), on which its lr was tuned."""
     seen = []
     real = simclr.nt_xent_loss
-    monkeypatch.setattr(simclr, "nt_xent_loss", lambda z1, z2, T: seen.append((z1.detach(), z2.detach())) or real(z1, z2, T))
+    monkeypatch.setattr(simclr, "nt_xent_loss",
+                        lambda z1, z2, T: seen.append((z1.detach(), z2.detach())) or real(z1, z2, T))
     cfg = tiny(simclr.Config, tmp_path, max_steps=1, probe_epochs=0, log_every=1)
     simclr.train(cfg)
     logged = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line][0]["loss"]
