@@ -98,6 +98,19 @@ def learning_run(module, tmp_path, probe_epochs=0, test_images=0, **overrides):
     return init, results, steps
 
 
+def evaluation_inputs(module, cfg, monkeypatch):
+    """Train a run whose final evaluation is replaced by a recorder: (model, features, data) it was given."""
+    got = {}
+
+    def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
+        got.update(model=model, features=features, data=data)
+        return {"knn_top1": 0.0, "probe_top1": None, "linear_top1": None}
+
+    monkeypatch.setattr(module.common, "evaluate", evaluate)
+    module.train(cfg)
+    return got["model"], got["features"], got["data"]
+
+
 # ------------------------------------------------------------------------ the method-file contract
 
 
