@@ -543,7 +543,8 @@ class LARS(torch.optim.Optimizer):
     is min(trust, lr) instead of lr * trust (LARC's clip mode; solo-learn's CIFAR recipes)."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False, form="simclr"):
-        assert form in ("simclr", "byol", "larc"), form
+        if form not in ("simclr", "byol", "larc"):
+            raise ValueError(f"LARS form {form!r}: one of simclr, byol, larc")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
                                       form=form, lars_exclude=False))
 

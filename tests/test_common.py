@@ -223,6 +223,35 @@ def test_lars_step_values():
     torch.testing.assert_close(w.weight.detach(), w1 - (0.9 * 0.5 * trust * d + 0.5 * trust1 * d1))
 
 
+def test_lars_byol_and_larc_forms_by_hand():
+    """"byol" (BYOL's optimizers.py, Barlow Twins' main.py): the lr applies after the momentum buffer, so a
+    new lr scales the whole buffer; "larc" (solo-learn, apex LARC): trust = eta ||w|| / (||g|| + wd ||w||)."""
+    g, wd, eta, m = torch.full((3, 4), 2.0), 0.1, 0.001, 0.9
+    for form in ("byol", "larc"):
+        w = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            w.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+        w0 = w.weight.detach().clone()
+        opt = common.LARS(common.param_groups(w, wd), lr=0.5, momentum=m, eta=eta, form=form)
+
+        def trust(p):
+            d = g + wd * p
+            return eta * p.norm() / (d.norm() if form == "byol" else g.norm() + wd * p.norm()), d
+
+        w.weight.grad = g.clone()
+        opt.step()
+        t0, d0 = trust(w0)
+        w1 = w0 - 0.5 * t0 * d0
+        torch.testing.assert_close(w.weight.detach(), w1)
+        common.set_lr(opt, 0.25)  # the schedule moves: the whole buffer is taken at the new lr
+        w.weight.grad = g.clone()
+        opt.step()
+        t1, d1 = trust(w1)
+        torch.testing.assert_close(w.weight.detach(), w1 - 0.25 * (m * t0 * d0 + t1 * d1))
+    with pytest.raises(ValueError, match="one of simclr, byol, larc"):
+        common.LARS(nn.Linear(2, 2).parameters(), lr=0.1, form="adam")
+
+
 def test_lars_clip_caps_the_layer_lr_at_lr():
     """clip (LARC / solo-learn): a layer's lr is min(eta * ||w|| / ||d||, lr), not lr * eta * ratio."""
     for eta, lr, capped in [(0.02, 0.5, False), (0.02, 1e-4, True)]:
