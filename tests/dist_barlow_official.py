@@ -93,4 +93,5 @@ assert max(steps) < 1e-7, max(steps)
 print(f"rank {rank}: official gradient = global gradient / {W} (max rel diff {worst_scale:.1e}); this file's "
       f"gradient with loss_scale {cfg.loss_scale} = official (max rel diff {worst_mine:.1e}); "
       f"the same LARS step (max diff {max(steps):.1e})", flush=True)
+dist.barrier()  # nobody leaves while the other still talks to it: gloo aborts at exit otherwise
 dist.destroy_process_group()

@@ -46,4 +46,5 @@ for (name, p), q in zip(model.named_parameters(), reference.parameters()):
     torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
     worst = max(worst, (p.grad - q.grad).abs().max().item())
 print(f"rank {rank}: loss {loss.item():.6f} == {loss_ref.item():.6f}, max grad diff {worst:.2e}", flush=True)
+dist.barrier()  # nobody leaves while the other still talks to it: gloo aborts at exit otherwise
 dist.destroy_process_group()

@@ -88,4 +88,5 @@ assert len(perms) == steps and all(torch.equal(p, all_perms[0]) for p in all_per
 assert len({tuple(p.tolist()) for p in perms}) == steps  # a new permutation every step
 print(f"rank {rank}: queue identical on {world} processes, last {K} keys of both ranks in order; "
       f"shuffle crossed processes ({sum(i // B != rank for i in mine)}/{B} images from the other rank)", flush=True)
+dist.barrier()  # nobody leaves while the other still talks to it: gloo aborts at exit otherwise
 dist.destroy_process_group()

@@ -32,3 +32,5 @@ for name in sys.argv[2:]:
     if int(os.environ["RANK"]) == 0:
         assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results
         print(f"SMOKE OK {name} steps={results['steps']} knn={results['knn_top1']:.3f}", flush=True)
+dist.barrier()  # nobody leaves while the other still talks to it: gloo aborts at exit otherwise
+dist.destroy_process_group()

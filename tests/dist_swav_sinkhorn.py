@@ -67,4 +67,5 @@ for (name, p), r in zip(model.named_parameters(), reference.parameters()):
     worst = max(worst, (p.grad - r.grad).abs().max().item() / scale)
 print(f"rank {rank}: sinkhorn max diff {sk_diff:.2e}, loss {mean_loss.item() / world:.6f} == {loss_ref.item():.6f}, "
       f"max grad diff {worst:.2e} (relative)", flush=True)
+dist.barrier()  # nobody leaves while the other still talks to it: gloo aborts at exit otherwise
 dist.destroy_process_group()
