@@ -37,6 +37,32 @@ def torchrun(args, nproc=2, timeout=900, cwd=ROOT):
     return p
 
 
+# the cross-process checks of the quick loop, one torchrun launch for all (tests/dist_all.py); each test reads its own
+DIST_SCRIPTS = ["dist_simclr_step.py", "dist_moco_queue.py:{tmp}", "dist_swav_sinkhorn.py", "dist_barlow_step.py",
+                "dist_barlow_official.py", "dist_cpc_step.py", "dist_clip_step.py", "dist_inpainting_step.py"]
+
+
+@pytest.fixture(scope="session")
+def dist_scripts(tmp_path_factory):
+    """stdout(script): what a DIST_SCRIPTS script printed on both processes (rank 0's, then rank 1's), once it
+    finished on both; the launch runs them all, at the first test that asks."""
+    tmp = tmp_path_factory.mktemp("dist")
+    scripts = [s.format(tmp=tmp) for s in DIST_SCRIPTS]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "tests/dist_all.py", str(tmp), *scripts], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    reports = [json.load(open(f)) if os.path.exists(f := tmp / f"rank{r}.json") else {} for r in range(2)]
+
+    def stdout(script):
+        runs = [report.get(script) for report in reports]
+        assert all(run and run["ok"] for run in runs), (
+            f"{script} did not finish on both processes (torchrun exit {p.returncode}):\n"
+            + "\n".join(run["error"] or "" if run else "not run" for run in runs) + p.stderr[-4000:])
+        return "".join(run["stdout"] for run in runs)
+
+    return stdout
+
+
 def cifar10_root():
     """The folder SSL_DATA names if it holds cifar10.npz, else ""."""
     root = os.environ.get("SSL_DATA", "")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import barlow
 import common
@@ -75,18 +75,18 @@ def test_barlow_twins_loss_gradient_vanishes_at_optimum_only():
     assert z1.grad.abs().max() > 1e-3
 
 
-def test_two_processes_equal_one_process_on_the_global_batch():
+def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):
     """Global batch statistics and the all-reduced C: 2-process loss and gradients == 1 process."""
-    p = torchrun(["tests/dist_barlow_step.py"])
-    assert p.stdout.count("max grad diff") == 2, p.stdout
+    out = dist_scripts("dist_barlow_step.py")
+    assert out.count("max grad diff") == 2, out
 
 
-def test_the_stated_flags_take_the_official_step_on_two_processes():
+def test_the_stated_flags_take_the_official_step_on_two_processes(dist_scripts):
     """main.py on 2 processes steps on half the global gradient; the docstring's flags for the official
     run (loss_scale 1/W, its LARS) take that very step (tests/dist_barlow_official.py)."""
-    p = torchrun(["tests/dist_barlow_official.py"])
-    assert p.stdout.count("official gradient = global gradient / 2") == 2, p.stdout
-    assert p.stdout.count("the same LARS step") == 2, p.stdout
+    out = dist_scripts("dist_barlow_official.py")
+    assert out.count("official gradient = global gradient / 2") == 2, out
+    assert out.count("the same LARS step") == 2, out
 
 
 # ------------------------------------------------------------------------------------- the recipe

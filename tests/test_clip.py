@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import clip
 import common
@@ -140,10 +140,10 @@ def test_text_feature_is_read_at_the_end_token_and_never_sees_what_follows(mode)
     torch.testing.assert_close(out_changed[1], out[1])
 
 
-def test_two_processes_equal_one_process_on_the_global_batch():
+def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):
     """Loss and every gradient of a 2-process step equal 1 process on the global batch (BN in eval mode)."""
-    p = torchrun(["tests/dist_clip_step.py"])
-    assert p.stdout.count("max grad diff") == 2, p.stdout
+    out = dist_scripts("dist_clip_step.py")
+    assert out.count("max grad diff") == 2, out
 
 
 def test_config_rejects_impossible_values():

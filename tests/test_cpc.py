@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
 import cpc
 
@@ -192,10 +192,10 @@ def test_config_rejects_impossible_values(tmp_path):
             tiny(cpc.Config, tmp_path, **bad)
 
 
-def test_two_processes_equal_one_process_on_the_global_batch():
+def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):
     """Negatives span the global batch: 2-process loss and gradients == 1 process on all images."""
-    p = torchrun(["tests/dist_cpc_step.py"])
-    assert p.stdout.count("max grad diff") == 2, p.stdout
+    out = dist_scripts("dist_cpc_step.py")
+    assert out.count("max grad diff") == 2, out
 
 
 # -------------------------------------------------------------------------------------- training

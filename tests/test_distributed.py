@@ -8,10 +8,10 @@ import pytest
 from conftest import METHODS, ROOT, torchrun
 
 
-def test_two_processes_equal_one_process_on_the_global_batch():
+def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):
     """SimCLR: loss and gradients of a 2-process step equal those of 1 process on the global batch."""
-    p = torchrun(["tests/dist_simclr_step.py"])
-    assert p.stdout.count("max grad diff") == 2, p.stdout
+    out = dist_scripts("dist_simclr_step.py")
+    assert out.count("max grad diff") == 2, out
 
 
 def test_simclr_command_line_under_torchrun(tmp_path):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import common
 import inpainting
@@ -377,8 +377,7 @@ def test_config_refuses_impossible_values(key, value):
         inpainting.Config(**{key: value})
 
 
-@pytest.mark.slow  # a torchrun launch: the 2-process smoke run of every method is in test_distributed.py
-def test_two_processes_equal_one_process_on_the_global_batch():
+def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):
     """Both DDP-wrapped networks: D (called twice before its backward) and F get the one-process gradients."""
-    p = torchrun(["tests/dist_inpainting_step.py"])
-    assert p.stdout.count("max grad diff") == 2, p.stdout
+    out = dist_scripts("dist_inpainting_step.py")
+    assert out.count("max grad diff") == 2, out

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import common
 import moco
@@ -227,9 +227,9 @@ def test_resume_refuses_other_settings(short_run):
         moco.train(cfg)
 
 
-def test_two_processes_share_the_queue_and_shuffle_across_processes(tmp_path):
-    p = torchrun(["tests/dist_moco_queue.py", str(tmp_path)])
-    assert p.stdout.count("queue identical on 2 processes, last 64 keys of both ranks in order") == 2, p.stdout
+def test_two_processes_share_the_queue_and_shuffle_across_processes(dist_scripts):
+    out = dist_scripts("dist_moco_queue.py")
+    assert out.count("queue identical on 2 processes, last 64 keys of both ranks in order") == 2, out
 
 
 # -------------------------------------------------------------------------------------- training

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny, torchrun
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
 
 import common
 import swav
@@ -74,10 +74,10 @@ def test_sinkhorn_gives_no_gradient():
     torch.testing.assert_close(scores.grad, expected, atol=1e-6, rtol=1e-4)
 
 
-def test_sinkhorn_under_two_processes_equals_one_process_on_the_global_batch():
+def test_sinkhorn_under_two_processes_equals_one_process_on_the_global_batch(dist_scripts):
     """Also one full SwAV step: 2-process loss and gradients == 1 process (tests/dist_swav_sinkhorn.py)."""
-    p = torchrun(["tests/dist_swav_sinkhorn.py"])
-    assert p.stdout.count("max grad diff") == 2, p.stdout
+    out = dist_scripts("dist_swav_sinkhorn.py")
+    assert out.count("max grad diff") == 2, out
 
 
 # -------------------------------------------------------------------------------------------- loss
