@@ -6,8 +6,9 @@ if every part passed.
     python tests/gpu_check.py                                     # on a machine with one CUDA GPU
     python tests/gpu_check.py --dry-run                           # the same plan on the CPU, in minutes
 
-1. data: data/cifar10.npz from data/cifar10_jpeg.npz (CIFAR-10 as JPEG bytes), decoded by torchvision.io
-   in batches on the GPU (nvJPEG), checked against ../shared/data/cifar10.npz when that is there.
+1. data: data/cifar10.npz from data/cifar10_jpeg.npz (CIFAR-10 as JPEG bytes; else the one in $SSL_DATA or
+   ../shared/data), decoded by torchvision.io in batches on the GPU (nvJPEG), checked against the
+   cifar10.npz there when there is one. A dry run with no such file decodes synthetic images.
 2. recipes: all 15 files with their CIFAR-10 defaults (ResNet-18 or ViT-Tiny, the recipe's batch, bf16,
    torch.compile on), --steps steps each, --parallel processes at once (compilations overlap): exit
    status, first step (compilation included), steady images/s, peak GPU memory, last loss finite.
@@ -36,6 +37,7 @@ import torchvision
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import bench  # noqa: E402
+import common  # noqa: E402
 from conftest import METHODS  # noqa: E402
 
 # H200 SXM: 1,979 TFLOP/s of dense-equivalent bf16 "with sparsity" in NVIDIA's H200 datasheet, so 989 dense
@@ -73,18 +75,41 @@ def build_cifar10(jpeg_path, out_path, device, limit=None):
     return arrays
 
 
+SHARED = [d for d in (os.environ.get("SSL_DATA", ""), os.path.join(ROOT, "..", "shared", "data")) if d]
+
+
+def synthetic_jpeg(path, n=1000):
+    """For a dry run without CIFAR-10 at hand: n synthetic images per split in cifar10_jpeg.npz's layout."""
+    arrays = {}
+    for split, seed in (("train", 0), ("test", 1)):
+        x, y = common.make_synthetic(n, 32, seed)
+        files = [torchvision.io.encode_jpeg(img, quality=75).numpy() for img in x]
+        arrays[f"{split}_jpeg"], arrays[f"y_{split}"] = np.concatenate(files), y.numpy().astype(np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(f) for f in files])
+    np.savez(path, **arrays)
+    return path
+
+
 def part_data(device):
-    places = (arg("jpeg", ""), os.path.join(ROOT, "data", "cifar10_jpeg.npz"),
-              os.path.join(ROOT, "..", "shared", "data", "cifar10_jpeg.npz"))
-    jpeg = next(p for p in places if p and os.path.exists(p))
+    places = [arg("jpeg", ""), os.path.join(ROOT, "data", "cifar10_jpeg.npz")]
+    jpeg = next((p for p in places + [os.path.join(d, "cifar10_jpeg.npz") for d in SHARED] if p and os.path.exists(p)),
+                None)
+    if jpeg is None and not DRY:
+        raise FileNotFoundError("no cifar10_jpeg.npz in data/ (or --jpeg=..., $SSL_DATA, ../shared/data): "
+                                "mkdir -p data && cp ../shared/data/cifar10_jpeg.npz data/")
+    if jpeg is None:
+        os.makedirs(OUT_DIR, exist_ok=True)
+        print("gpu_check: no cifar10_jpeg.npz at hand: the dry run decodes synthetic images", flush=True)
+        jpeg = synthetic_jpeg(os.path.join(OUT_DIR, "synthetic_jpeg.npz"))
     data_dir = os.path.join(OUT_DIR, "data") if DRY else os.path.join(ROOT, "data")
     os.makedirs(data_dir, exist_ok=True)
     t = time.time()
     arrays = build_cifar10(jpeg, os.path.join(data_dir, "cifar10.npz"), device, limit=1000 if DRY else None)
     seconds = time.time() - t
     row = {"images": len(arrays["y_train"]) + len(arrays["y_test"]), "seconds": seconds, "device": device.type}
-    reference = os.path.join(ROOT, "..", "shared", "data", "cifar10.npz")
-    if os.path.exists(reference):  # the same images, decoded once before: about 0.2 of 255 apart
+    reference = next((os.path.join(d, "cifar10.npz") for d in SHARED if os.path.exists(os.path.join(d, "cifar10.npz"))),
+                     "")
+    if reference and "synthetic" not in jpeg:  # the same images, decoded once before: about 0.2 of 255 apart
         with np.load(reference) as ref:
             n = len(arrays["x_test"])
             row["mean_abs_diff"] = float(np.abs(ref["x_test"][:n].astype(np.float32) - arrays["x_test"]).mean())
