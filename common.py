@@ -454,27 +454,23 @@ def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
     """torchvision's ColorJitter for each image: with probability p, the four adjustments, each with a
     factor of its own, in a random order of its own (SimCLR's and BYOL's TF code differ: an additive
     brightness, a contrast around each channel's mean; their files' tables say so). x in [0,1].
-
-    In each of the four slots of the order, every image gets the adjustment its order puts there:
-    the three cheap ones are computed for the batch and picked per image with torch.where; the costly
-    hue rotation runs only on the quarter of the batch whose hue comes in that slot (a random deal
-    of the images into quarters: each image's hue slot is uniform over the four).
-    """
-    B, dev, on = x.shape[0], x.device, _per_image(x, p)
-    draw = lambda low, high, off: torch.where(on, torch.empty(B, 1, 1, 1, device=dev).uniform_(low, high), off)  # noqa
-    bright, contr, satur = (draw(max(0, 1 - f), 1 + f, 1.0) for f in (brightness, contrast, saturation))  # (B,1,1,1)
-    shift = draw(-hue, hue, 0.0)
-    deal = torch.randperm(B, device=dev)  # deal[s::4]: the images whose hue comes in slot s
-    hue_slot = torch.empty(B, dtype=torch.long, device=dev).scatter_(0, deal, torch.arange(B, device=dev) % 4)
-    others = torch.rand(B, 3, device=dev).argsort(1)  # each image's order of brightness 0, contrast 1, saturation 2
-    for slot in range(4):
-        k = (slot - (hue_slot < slot).long()).clamp(max=2)  # which of the other three comes now (if not hue)
-        now = torch.where(hue_slot == slot, 3, others.gather(1, k[:, None])[:, 0]).view(B, 1, 1, 1)
-        x = torch.where(now == 0, (bright * x).clamp(0, 1), x)  # TF.adjust_brightness
-        x = torch.where(now == 1, (contr * x + (1 - contr) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1), x)
-        x = torch.where(now == 2, (satur * x + (1 - satur) * _gray(x)).clamp(0, 1), x)  # TF.adjust_saturation
-        idx = deal[slot::4]  # TF.adjust_hue
-        x[idx] = torch.where(on[idx], _adjust_hue(x[idx], shift[idx]), x[idx])
+    In batch: at each of the four places of the order, each adjustment runs on the images that have it there."""
+    B, dev = x.shape[0], x.device
+    draw = lambda low, high: torch.empty(B, 1, 1, 1, device=dev).uniform_(low, high)  # noqa: E731
+    jitter = [  # (strength, factor per image, adjustment), as torchvision.transforms.v2.functional
+        (brightness, draw(max(0, 1 - brightness), 1 + brightness), lambda x, f: (f * x).clamp(0, 1)),
+        (contrast, draw(max(0, 1 - contrast), 1 + contrast),
+         lambda x, f: (f * x + (1 - f) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)),
+        (saturation, draw(max(0, 1 - saturation), 1 + saturation), lambda x, f: (f * x + (1 - f) * _gray(x)).clamp(0, 1)),
+        (hue, draw(-hue, hue), _adjust_hue)]
+    on = _per_image(x, p).view(B)
+    order = torch.rand(B, 4, device=dev).argsort(1)  # (B, 4): each image's order of the four adjustments
+    x = x.clone()
+    for place in range(4):
+        for k, (strength, factor, adjust) in enumerate(jitter):
+            idx = (on & (order[:, place] == k)).nonzero()[:, 0]  # the images whose adjustment k comes now
+            if strength and len(idx):  # torchvision skips an adjustment of strength 0
+                x[idx] = adjust(x[idx], factor[idx])
     return x
 
 def random_grayscale(x, p):

@@ -171,8 +171,8 @@ def main():
     cpu = torch.device("cpu")
     devices = [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    cpu = platform.processor() or platform.machine()
-    print(f"# nanossl bench: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, CPU {cpu} "
+    cpu_name = platform.processor() or platform.machine()
+    print(f"# nanossl bench: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, CPU {cpu_name} "
           f"x {os.cpu_count()} cores ({torch.get_num_threads()} threads), GPU {gpu}\n")
 
     if not METHODS_ONLY:

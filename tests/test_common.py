@@ -165,6 +165,24 @@ def test_color_jitter_probability_and_order(images):
     assert out.flatten(1).std(0).max() > 0.05  # shifts differ per image
 
 
+def test_color_jitter_is_torchvision_image_by_image_with_the_same_draws(images):
+    """The batched form equals torchvision's four functional adjustments applied image by image, in each
+    image's own order, with the factors, coin and order drawn as color_jitter draws them."""
+    b, c, s, h, p = 0.4, 0.4, 0.4, 0.1, 0.8
+    torch.manual_seed(5)
+    ours = common.color_jitter(images, b, c, s, h, p)
+    torch.manual_seed(5)
+    B = len(images)
+    factors = [torch.empty(B).uniform_(1 - v, 1 + v) for v in (b, c, s)] + [torch.empty(B).uniform_(-h, h)]
+    on, order = torch.rand(B) < p, torch.rand(B, 4).argsort(1)
+    adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i, x in enumerate(images):
+        for k in order[i].tolist() if on[i] else []:
+            x = adjust[k](x, float(factors[k][i]))
+        torch.testing.assert_close(ours[i], x, atol=2e-5, rtol=0)
+    assert len(set(map(tuple, order[on].tolist()))) > 12  # many of the 24 orders occur among ~51 images
+
+
 def test_gaussian_blur_per_sample_sigma(images):
     torch.manual_seed(0)
     noise = torch.rand(64, 3, 32, 32)
