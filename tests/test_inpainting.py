@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import torchvision
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, few_test_images, load_ckpt,
+                      tiny)
 
 import common
 import inpainting
@@ -351,7 +352,8 @@ def test_features_see_the_images_at_the_training_side(tmp_path, monkeypatch):
         return real_evaluate(model, features, *args, **kwargs)
 
     monkeypatch.setattr(common, "evaluate", evaluate)
-    inpainting.train(tiny(inpainting.Config, tmp_path, image_size=64, subset=64, max_steps=1, probe_epochs=0))
+    with few_test_images():
+        inpainting.train(tiny(inpainting.Config, tmp_path, image_size=64, subset=64, max_steps=1, probe_epochs=0))
     (model, features), = seen
     x = common.make_synthetic(4, 32, seed=5)[0]  # (4, 3, 32, 32) uint8
     at_64 = F.interpolate(x.float() / 255, size=(64, 64), mode="bilinear", antialias=True)
