@@ -450,26 +450,34 @@ def _adjust_hue(x, shift):
     k = torch.remainder(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h + shift * 6, 6)  # hue in sixths of a turn
     return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)  # HSV -> RGB, the three channels at once
 
-def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
+def color_jitter(x, brightness, contrast, saturation, hue, p=1.0, masked=None):
     """torchvision's ColorJitter for each image: with probability p, the four adjustments, each with a
     factor of its own, in a random order of its own (SimCLR's and BYOL's TF code differ: an additive
     brightness, a contrast around each channel's mean; their files' tables say so). x in [0,1].
-    In batch: at each of the four places of the order, each adjustment runs on the images that have it there."""
+    In batch: at each of the four places of the order, each adjustment goes to the images that have it
+    there. masked (default on CUDA): adjust the whole batch and keep it where due, with no host sync;
+    else (the CPU) pick those images out, adjust them and put them back: 4x less work."""
     B, dev = x.shape[0], x.device
     draw = lambda low, high: torch.empty(B, 1, 1, 1, device=dev).uniform_(low, high)  # noqa: E731
     jitter = [  # (strength, factor per image, adjustment), as torchvision.transforms.v2.functional
         (brightness, draw(max(0, 1 - brightness), 1 + brightness), lambda x, f: (f * x).clamp(0, 1)),
         (contrast, draw(max(0, 1 - contrast), 1 + contrast),
          lambda x, f: (f * x + (1 - f) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)),
-        (saturation, draw(max(0, 1 - saturation), 1 + saturation), lambda x, f: (f * x + (1 - f) * _gray(x)).clamp(0, 1)),
+        (saturation, draw(max(0, 1 - saturation), 1 + saturation),
+         lambda x, f: (f * x + (1 - f) * _gray(x)).clamp(0, 1)),
         (hue, draw(-hue, hue), _adjust_hue)]
     on = _per_image(x, p).view(B)
     order = torch.rand(B, 4, device=dev).argsort(1)  # (B, 4): each image's order of the four adjustments
-    x = x.clone()
+    masked, x = x.is_cuda if masked is None else masked, x.clone()
     for place in range(4):
         for k, (strength, factor, adjust) in enumerate(jitter):
-            idx = (on & (order[:, place] == k)).nonzero()[:, 0]  # the images whose adjustment k comes now
-            if strength and len(idx):  # torchvision skips an adjustment of strength 0
+            if not strength:  # torchvision skips an adjustment of strength 0
+                continue
+            now = on & (order[:, place] == k)  # (B,): the images whose adjustment k comes at this place
+            if masked:
+                x = torch.where(now.view(B, 1, 1, 1), adjust(x, factor), x)
+            else:
+                idx = now.nonzero()[:, 0]
                 x[idx] = adjust(x[idx], factor[idx])
     return x
 

@@ -165,12 +165,13 @@ def test_color_jitter_probability_and_order(images):
     assert out.flatten(1).std(0).max() > 0.05  # shifts differ per image
 
 
-def test_color_jitter_is_torchvision_image_by_image_with_the_same_draws(images):
+@pytest.mark.parametrize("masked", [False, True])  # the CPU's indexed form, CUDA's masked one
+def test_color_jitter_is_torchvision_image_by_image_with_the_same_draws(images, masked):
     """The batched form equals torchvision's four functional adjustments applied image by image, in each
     image's own order, with the factors, coin and order drawn as color_jitter draws them."""
     b, c, s, h, p = 0.4, 0.4, 0.4, 0.1, 0.8
     torch.manual_seed(5)
-    ours = common.color_jitter(images, b, c, s, h, p)
+    ours = common.color_jitter(images, b, c, s, h, p, masked=masked)
     torch.manual_seed(5)
     B = len(images)
     factors = [torch.empty(B).uniform_(1 - v, 1 + v) for v in (b, c, s)] + [torch.empty(B).uniform_(-h, h)]
