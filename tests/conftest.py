@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -150,6 +151,22 @@ def evaluation_inputs(module, cfg, monkeypatch):
     with few_test_images():
         module.train(cfg)
     return got["model"], got["features"], got["data"]
+
+
+def assert_features_see_image_size(module, tmp_path, monkeypatch, expected):
+    """As rotnet.py: a run at image_size 64 on 32 px data evaluates features(uint8 x) = expected(model, x resized
+    to 64 px, float in [0, 1]): the trunk sees the training scale whatever the data's size, for any batch and side
+    (linear_eval feeds crops at the test images' side)."""
+    import common
+    cfg = tiny(module.Config, tmp_path, image_size=64, max_steps=1, probe_epochs=0)
+    model, features, data = evaluation_inputs(module, cfg, monkeypatch)
+    x = data.test[0][:4]  # uint8 (4, 3, 32, 32)
+    assert x.shape[-1] == 32 and x.dtype == torch.uint8
+    model.eval()
+    with torch.no_grad():
+        want = expected(model, F.interpolate(common.to_float(x), size=(64, 64), mode="bilinear", antialias=True))
+        torch.testing.assert_close(features(x), want)
+        assert features(x[:3, :, :24, :24]).shape == want[:3].shape  # any batch, any side
 
 
 # ------------------------------------------------------------------------ the method-file contract

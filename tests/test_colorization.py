@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, evaluation_inputs, tiny
+from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, tiny)
 
 import colorization
 import common
@@ -186,18 +186,9 @@ def test_the_network_reads_one_channel_and_predicts_at_quarter_resolution():
 
 
 def test_features_take_uint8_images_at_the_data_size_and_see_them_at_image_size(tmp_path, monkeypatch):
-    """As rotnet.py: the evaluated trunk sees the images at the training scale (image_size), whatever
-    the data's size; linear_eval feeds crops at the test images' side."""
-    cfg = tiny(colorization.Config, tmp_path, image_size=64, max_steps=1, probe_epochs=0)
-    model, features, data = evaluation_inputs(colorization, cfg, monkeypatch)
-    x = data.test[0][:4]  # uint8 (4, 3, 32, 32)
-    assert x.shape[-1] == 32 and x.dtype == torch.uint8
-    model = model.eval()
-    with torch.no_grad():
-        up = F.interpolate(common.to_float(x), size=(64, 64), mode="bilinear", antialias=True)
-        expected = model.backbone(common.rgb_to_lab(up)[:, :1] / 50 - 1)
-        torch.testing.assert_close(features(x), expected)
-        assert features(x[:3, :, :24, :24]).shape == expected[:3].shape  # any batch, any side
+    """The evaluated trunk reads the L channel of the images at image_size."""
+    assert_features_see_image_size(colorization, tmp_path, monkeypatch,
+                                   lambda model, up: model.backbone(common.rgb_to_lab(up)[:, :1] / 50 - 1))
 
 
 def test_config_rejects_impossible_values():

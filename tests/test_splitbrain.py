@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import ROOT, assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, evaluation_inputs, tiny
+from conftest import (ROOT, assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, tiny)
 
 import common
 import splitbrain
@@ -118,18 +119,12 @@ def test_annealed_mean_limits():
 
 
 def test_features_take_uint8_images_at_the_data_size_and_see_them_at_image_size(tmp_path, monkeypatch):
-    """As rotnet.py: both halves see the images at the training scale (image_size), whatever the data's
-    size; linear_eval feeds crops at the test images' side."""
-    cfg = tiny(splitbrain.Config, tmp_path, image_size=64, max_steps=1, probe_epochs=0)
-    model, features, data = evaluation_inputs(splitbrain, cfg, monkeypatch)
-    x = data.test[0][:4]  # uint8 (4, 3, 32, 32)
-    assert x.shape[-1] == 32 and x.dtype == torch.uint8
-    model = model.eval()
-    with torch.no_grad():
-        lab = common.rgb_to_lab(F.interpolate(common.to_float(x), size=(64, 64), mode="bilinear", antialias=True))
-        expected = torch.cat([model.l_to_ab.backbone(lab[:, :1] / 50 - 1), model.ab_to_l.backbone(lab[:, 1:] / 110)], 1)
-        torch.testing.assert_close(features(x), expected)
-        assert features(x[:3, :, :24, :24]).shape == expected[:3].shape  # any batch, any side
+    """Both halves read their Lab channels of the images at image_size; the features are theirs, concatenated."""
+    def expected(model, up):
+        lab = common.rgb_to_lab(up)
+        return torch.cat([model.l_to_ab.backbone(lab[:, :1] / 50 - 1), model.ab_to_l.backbone(lab[:, 1:] / 110)], 1)
+
+    assert_features_see_image_size(splitbrain, tmp_path, monkeypatch, expected)
 
 
 def test_config_rejects_impossible_values():
