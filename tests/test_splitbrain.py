@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import (ROOT, assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, tiny)
+                      assert_smoke_run)
 
 import common
 import splitbrain
