@@ -634,8 +634,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, temp
         sim, idx = (feats @ train_feats.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(feats), n_classes, device=feats.device).scatter_add_(1, train_labels[idx],
                                                                                      (sim / temperature).exp())
-        correct += (votes.argmax(1) == labels).sum().item()
-    return correct / len(test_labels)
+        correct += (votes.argmax(1) == labels).sum()  # on the device: one host sync, at the end
+    return float(correct) / len(test_labels)
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100, batch_size=256, lr=1e-2,
                  weight_decay=1e-4, seed=0):
