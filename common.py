@@ -120,9 +120,7 @@ class Runtime:
     dtype: torch.dtype  # autocast dtype (float32 = autocast off)
     compile: bool
 
-    @property
-    def is_main(self):
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)  # the process that logs, evaluates and writes
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -135,8 +133,8 @@ _owned_group = []  # the process group setup() made, if any
 
 def setup(cfg):
     """torchrun env vars -> process group (NCCL on CUDA, gloo on CPU); device, precision, seed, out_dir."""
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
-                                                                         ("LOCAL_RANK", 0)))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this process's GPU on its machine
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if not cuda and cfg.arch != "tiny":
         print0(f"note: a GPU recipe ({cfg.arch}, batch {cfg.batch_size}, {cfg.epochs} epochs) is running on the CPU, "
@@ -334,9 +332,9 @@ class Data:
     def batches(self, split, index_rows, seed=0):
         """uint8 images and labels on the device for each row of indices."""
         s = getattr(self, split)
-        if isinstance(s, tuple):
-            yield from ((s[0][i], s[1][i]) for i in (index_rows.to(s[0].device) if torch.is_tensor(index_rows)
-                                                     else index_rows))
+        if isinstance(s, tuple):  # tensors on the device: index them (one copy of a tensor of rows)
+            for i in index_rows.to(s[0].device) if torch.is_tensor(index_rows) else index_rows:
+                yield s[0][i], s[1][i]
             return
         loader = torch.utils.data.DataLoader(  # its own generator: the global random state stays untouched
             s, batch_sampler=[r.tolist() for r in index_rows], generator=torch.Generator().manual_seed(seed),
@@ -422,9 +420,11 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=
     B, dev = x.shape[0], x.device
     area = torch.empty(B, tries, device=dev).uniform_(*scale)
     aspect = torch.empty(B, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()  # fractions of the side
+    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()  # (B, tries): fractions of the side
     fits = (w <= 1) & (h <= 1)
-    w, h = (torch.where(fits.any(1), v.gather(1, fits.int().argmax(1, keepdim=True))[:, 0], 1.0) for v in (w, h))
+    first = fits.int().argmax(1, keepdim=True)  # (B, 1): each image's first draw that fits
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)  # (B,), the whole image if none fits
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
     theta = torch.zeros(B, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1] = w, h  # scale, then a random centre that keeps the crop inside the image
     theta[:, 0, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)
@@ -657,17 +657,13 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100,
     return (clf(xte).argmax(1) == test_labels).float().mean().item()
 
 def linear_eval(features, data, rt, epochs=100, batch_size=256, lr=0.1, seed=0):
-    """linear_top1, the standard linear evaluation of published numbers, on features(uint8) -> (B, D)
-    of a model frozen in eval mode: each epoch sees every training image once as a random resized crop
-    (area 8-100%) and flip at the test images' side; the classifier takes SGD steps (momentum 0.9, no
-    weight decay) on batches of 256, its lr dropping 10x at 60% and 80% of the epochs; it is tested
-    on the test images as they are. Sources: MoCo's main_lincls.py (100 epochs, batch 256, no weight
-    decay, steps at 60 and 80), solo-learn's offline linear configs (the same; CIFAR crops of scale
-    (0.08, 1)); SimSiam's main_lincls.py: 90 epochs, cosine. They tune the lr per method (MoCo 30,
-    solo-learn 0.1 to 30) as feature scales differ; here a BatchNorm without affine weights first
-    standardizes the features (MAE's linear probe, He et al. 2022 App. A.2: still a linear map), so
-    one lr serves every method: 0.1 per 256, the best of 0.01-1.0 on held-out CIFAR-10 training images
-    (tiny trunk, random and SimCLR-trained). The backbone runs under no_grad (bf16 autocast on CUDA)."""
+    """linear_top1, the linear evaluation of published numbers (MoCo's main_lincls.py; solo-learn's offline
+    configs, with CIFAR crops of area 8-100%), on features(uint8) -> (B, D) of a model frozen in eval mode: each
+    epoch, every training image once as a random resized crop and flip; SGD (momentum 0.9, no weight decay) on
+    batches of 256, the lr dropped 10x at 60% and 80% of the epochs; tested on the test images as they are.
+    Those codes tune the lr per method (MoCo 30, solo-learn 0.1 to 30); here a BatchNorm without affine weights
+    standardizes the features first (MAE's probe, He et al. 2022 App. A.2: still a linear map), so one lr
+    serves every method: 0.1 per 256, the best of 0.01-1.0 on held-out CIFAR-10 training images."""
     test_x, test_y = extract_features(features, data, "test", rt)
     split = "pretrain" if data.name == "folder" else "train"  # a folder: crops of its larger (8/7) decode
     side = data.test[0].shape[-1] if isinstance(data.test, tuple) else data.test.size
@@ -685,9 +681,9 @@ def linear_eval(features, data, rt, epochs=100, batch_size=256, lr=0.1, seed=0):
             crops = random_flip(random_resized_crop(to_float(x), side))
             with torch.no_grad(), rt.autocast():
                 h = features((crops * 255).round().to(torch.uint8)).float()  # uint8 crops, as a PIL pipeline's
-            # every process gets the k global batches, (W, k, B/W) -> (k, B), and takes the same k steps
-            for hb, yb in zip(*(gather_with_grad(t).unflatten(0, (W, -1, B // W)).transpose(0, 1).flatten(1, 2)
-                                for t in (h, y))):
+            # every process takes the same k steps on the global batches: the shares (W, k, B/W) -> (k, B)
+            h, y = (gather_with_grad(t).unflatten(0, (W, -1, B // W)).transpose(0, 1).flatten(1, 2) for t in (h, y))
+            for hb, yb in zip(h, y):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(clf(hb), yb).backward()
                 opt.step()
