@@ -21,8 +21,9 @@ groups of batch / bn_splits images) and the keys are shuffled across the groups.
 that dropping the shuffle costs 4% at 800 epochs.
 
     python moco.py                                               # 1 GPU: CIFAR-10, the demo's recipe, v2 head
+    python moco.py --mlp=false                                   # the demo's own model: a linear head
     python moco.py --symmetric                                   # the demo's symmetric loss (its best numbers)
-    python moco.py --version=1                                   # MoCo v1: linear head, v1 augmentation
+    python moco.py --version=1 --mlp=false                       # MoCo v1: v1 augmentation, linear head
     torchrun --standalone --nproc_per_node=8 moco.py             # 8 GPUs, same global batch of 512, shuffled BN
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 moco.py
     python moco.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
@@ -31,7 +32,7 @@ that dropping the shuffle costs 4% at 800 epochs.
         --key_momentum=0.999 --temperature=0.2 --crop_min=0.2 --blur       # the paper's ImageNet MoCo v2
 
 Defaults: the official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb), with
-v2's MLP head in place of its linear one. The demo reports kNN top-1 on its 128-d head output of
+v2's MLP head in place of its linear one (`--mlp=false` keeps the demo's). The demo reports kNN top-1 on its 128-d head output of
 82.6 / 86.3 / 88.7 at 200 / 400 / 800 epochs (asymmetric loss) and 85.3 / 88.5 / 89.7 (symmetric),
 and 90.7% linear top-1 for its symmetric 800-epoch model. Evaluated features: the query encoder's
 pooled backbone output h (512-d for ResNet-18), not the head's output, for knn_top1, probe_top1
@@ -43,7 +44,7 @@ moco/builder.py for ImageNet, D: its CIFAR-10 demo notebook):
 | setting | paper | official code | this file |
 |---|---|---|---|
 | data, trunk | ImageNet, ResNet-50 (P v1 Sec. 4) | D: CIFAR-10, ResNet-18, CIFAR stem | as D |
-| head | v1: fc 128; v2: MLP, 2048 hidden (P v2 Sec. 3) | C: --mlp; D: fc 128 | version 2: MLP, trunk-wide |
+| head | v1: fc 128; v2: MLP, 2048 hidden (P v2 Sec. 3) | C: --mlp; D: fc 128 | MLP, trunk-wide; --mlp=false: fc |
 | augmentation | v2: SimCLR's + blur (P v2 Sec. 3) | C: crop (0.2, 1); D: (0.08, 1), no blur | as D |
 | input | - | D: CIFAR-10 mean and std | ImageNet mean and std |
 | K, m, tau | 65536, 0.999, 0.07 / 0.2 (P v1 Sec. 4, v2) | D: 4096, 0.99, 0.1 | as D |
@@ -79,7 +80,8 @@ class Config:
     image_size: int = 32  # side of the augmented views (96 for STL-10, 224 for ImageNet)
     # model
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
-    version: int = 2  # 2: MLP head + v2 augmentation; 1: linear head + v1 augmentation
+    version: int = 2  # augmentation: 2 (v2's: SimCLR's jitter, --blur) | 1 (v1's: InstDisc's)
+    mlp: bool = True  # v2's MLP head; false: a linear head, as v1 and the CIFAR demo
     proj_dim: int = 128  # output width of the head: the dimension of queries and keys
     bn_splits: int = 8  # on one process, BN statistics over this many groups of each crop's batch (the demo's)
     # method
@@ -268,10 +270,10 @@ def train(cfg: Config) -> dict:
     bn_group = B // cfg.bn_splits if rt.world_size == 1 else B  # images per BN group: the demo's 64 per "GPU"
     bn = f"BN groups of {bn_group} images, keys shuffled across them" if rt.world_size == 1 else \
         f"BN per process, keys shuffled across the {rt.world_size} processes, no SyncBatchNorm"
-    common.print0(f"moco v{cfg.version}: {total_steps} steps, SGD lr {lr:.3g}, queue {cfg.queue_size}, "
+    common.print0(f"moco, v{cfg.version} views, {'MLP' if cfg.mlp else 'linear'} head: {total_steps} steps, SGD lr {lr:.3g}, queue {cfg.queue_size}, "
                   f"key momentum {cfg.key_momentum}, temperature {cfg.temperature}, {bn}")
 
-    raw_model = MoCoEncoder(cfg.arch, cfg.image_size <= 64, cfg.proj_dim, cfg.version == 2, bn_group).to(rt.device)
+    raw_model = MoCoEncoder(cfg.arch, cfg.image_size <= 64, cfg.proj_dim, cfg.mlp, bn_group).to(rt.device)
     model = common.compile_and_ddp(raw_model, rt)  # f_q
     key_encoder = copy.deepcopy(raw_model).requires_grad_(False)  # f_k starts as f_q and never gets a gradient
     key_model = torch.compile(key_encoder) if rt.compile else key_encoder  # not DDP: it has nothing to reduce
@@ -341,7 +343,7 @@ def train(cfg: Config) -> dict:
         torch.save(raw_model.backbone.state_dict(), os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "moco", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,
                **metrics, "train_seconds": round(log.train_seconds, 1),
-               "images_per_second": round(log.images_per_second(), 1), "version": cfg.version}
+               "images_per_second": round(log.images_per_second(), 1), "version": cfg.version, "mlp": cfg.mlp}
     common.write_results(results, cfg, rt)
     common.cleanup()
     return results

@@ -237,7 +237,8 @@ def test_two_processes_share_the_queue_and_shuffle_across_processes(dist_scripts
 
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(moco, tmp_path, extra_keys=("version",))
-    assert results["steps"] == 16 and results["version"] == 2
+    assert results["steps"] == 16 and results["version"] == 2 and results["mlp"] is True
+    assert "head.0.weight" in load_ckpt(cfg)["model"]  # the default: v2's MLP head
     log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert {"z_std", "pos_cos"} <= set(log[1])  # log[0]: the monitor at random initialisation
@@ -246,10 +247,12 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
 
 
 def test_resume_is_exact_including_queue_and_key_encoder(tmp_path):
-    """v1 with the symmetric loss, a queue that wraps around: weights, key encoder, queue, pointer."""
-    assert_resumes_exactly(moco, tmp_path, version=1, symmetric=True, queue_size=256)
-    state = load_ckpt(tiny(moco.Config, tmp_path / "b", version=1, symmetric=True, queue_size=256))
+    """v1 (its views, a linear head) with the symmetric loss, a queue that wraps around: weights, key
+    encoder, queue, pointer."""
+    assert_resumes_exactly(moco, tmp_path, version=1, mlp=False, symmetric=True, queue_size=256)
+    state = load_ckpt(tiny(moco.Config, tmp_path / "b", version=1, mlp=False, symmetric=True, queue_size=256))
     assert {"model", "key_encoder", "queue", "queue_ptr", "opt"} <= set(state)
+    assert "head.weight" in state["model"] and "head.0.weight" not in state["model"]  # --mlp=false: one fc layer
     assert state["queue_ptr"] == 8 * 128 % 256  # 8 steps of 2 x 64 keys: the queue was overwritten 4 times
 
 
