@@ -3,9 +3,11 @@
     python tests/bench.py                 # CPU rows; CUDA rows too when a GPU is visible
     python tests/bench.py --quick         # fewer repetitions
     python tests/bench.py --methods       # section 4 only
+    python tests/bench.py --augmentation  # section 1 only
 
 1. Augmentation throughput: common's batched SimCLR recipe (simclr.simclr_view) vs the same recipe
-   in torchvision.transforms.v2 applied image by image, as a DataLoader worker would (32 px).
+   in torchvision.transforms.v2 applied image by image, as a DataLoader worker would (32 px); on the
+   CPU, 5 rounds of both in turn (the medians, and each round's ratio).
 2. One SimCLR training step (two views, ResNet-18 + projector, NT-Xent, LARS) vs a bare ResNet-18
    forward+backward on the same two views: the cost of everything that is not the backbone.
 3. On CUDA: SimCLR ResNet-18 at batch 512, bf16, compiled: images/s and model FLOPs utilisation.
@@ -35,6 +37,7 @@ from conftest import METHODS  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 METHODS_ONLY = "--methods" in sys.argv  # section 4 only
+AUGMENTATION_ONLY = "--augmentation" in sys.argv  # section 1 only
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 
 
@@ -54,20 +57,25 @@ def timed(fn, device, repeat, warmup=2):
     return sorted(times)[len(times) // 2]
 
 
-def augmentation(device, n=512):
-    """images/s of the batched recipe vs torchvision v2 per image (CPU only for the latter)."""
+def augmentation(device, n=512, rounds=5):
+    """images/s of the batched recipe vs torchvision v2 per image (CPU only for the latter). On the CPU both
+    are measured in turn, `rounds` times: a shared machine's speed drifts, and each ratio compares two
+    measurements taken together. The medians, and every round's ratio, sorted."""
     cfg = simclr.Config(image_size=32)
     x = common.make_synthetic(n, 32, seed=0)[0].to(device)
-    batched = n / timed(lambda: simclr.simclr_view(x, cfg), device, 3 if QUICK else 10)
-    row = {"device": device.type, "batched": batched}
-    if device.type == "cpu":
-        s = cfg.jitter_strength
-        per_image = T.Compose([
-            T.RandomResizedCrop(32, scale=(cfg.crop_min, 1.0), antialias=True), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(0.2),
-            T.ToDtype(torch.float32, scale=True), T.Normalize(common.MEAN, common.STD)])
-        row["per_image"] = n / timed(lambda: torch.stack([per_image(img) for img in x]), device, 1 if QUICK else 3, 1)
-    return row
+    batched = lambda: n / timed(lambda: simclr.simclr_view(x, cfg), device, 3 if QUICK else 10)  # noqa: E731
+    if device.type != "cpu":
+        return {"device": device.type, "batched": batched()}
+    s = cfg.jitter_strength
+    per_image = T.Compose([
+        T.RandomResizedCrop(32, scale=(cfg.crop_min, 1.0), antialias=True), T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(0.2),
+        T.ToDtype(torch.float32, scale=True), T.Normalize(common.MEAN, common.STD)])
+    pairs = [(batched(), n / timed(lambda: torch.stack([per_image(img) for img in x]), device, 1 if QUICK else 3, 1))
+             for _ in range(1 if QUICK else rounds)]
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"device": "cpu", "batched": median([b for b, _ in pairs]), "per_image": median([p for _, p in pairs]),
+            "ratios": sorted(b / p for b, p in pairs)}
 
 
 def simclr_step_vs_backbone(device, batch, dtype=torch.float32, compile_model=False):
@@ -177,13 +185,15 @@ def main():
 
     if not METHODS_ONLY:
         print("## 1. Augmentation (SimCLR CIFAR recipe, 512 images of 32 px)\n")
-        print("| device | batched on device (img/s) | torchvision v2 per image (img/s) | speed-up |")
+        print("| device | batched on device (img/s) | torchvision v2 per image (img/s) | speed-up, each round |")
         print("|---|---|---|---|")
         for d in devices:
             r = augmentation(d)
             per = r.get("per_image")
-            per_text, ratio = (f"{per:,.0f}", f"{r['batched'] / per:.1f}x") if per else ("n/a", "n/a")
-            print(f"| {d.type} | {r['batched']:,.0f} | {per_text} | {ratio} |")
+            rounds = ", ".join(f"{v:.1f}x" for v in r["ratios"]) if per else "n/a"
+            print(f"| {d.type} | {r['batched']:,.0f} | {f'{per:,.0f}' if per else 'n/a'} | {rounds} |")
+        if AUGMENTATION_ONLY:
+            return
 
         print("\n## 2. SimCLR step vs bare ResNet-18 forward+backward (same two views)\n")
         print("| device | batch (images) | SimCLR step (s) | bare backbone (s) | ratio |")
