@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 
@@ -255,6 +256,13 @@ def mae_loss(imgs, pred, mask, p, norm_pix_loss):
 # reconstructions
 
 
+def eval_view(x, size):
+    """Un-augmented uint8 images -> normalized float at the training side (the positional embedding's grid)."""
+    x = common.to_float(x)
+    x = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return common.normalize(x)
+
+
 @torch.no_grad()
 def test_loss(model, data, cfg, rt, batch_size=512):
     """mae_loss on the un-augmented test images, with the same random masks at every evaluation of a
@@ -265,7 +273,7 @@ def test_loss(model, data, cfg, rt, batch_size=512):
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):  # the training's draws stay
         torch.manual_seed(cfg.seed * 1_000_003 + rt.rank)
         for x, _ in data.eval_batches("test", batch_size):
-            imgs = common.normalize(common.to_float(x))  # (b, 3, S, S)
+            imgs = eval_view(x, cfg.image_size)  # (b, 3, S, S)
             with rt.autocast():
                 pred, mask = model(imgs, cfg.mask_ratio)  # (b, L, p*p*3), (b, L)
             loss = mae_loss(imgs, pred.float(), mask, cfg.patch_size, cfg.norm_pix_loss)
@@ -278,9 +286,9 @@ def test_loss(model, data, cfg, rt, batch_size=512):
 @torch.no_grad()
 def save_reconstructions(model, x, cfg, path):
     """PNG of three rows: originals, masked inputs (removed patches grey), reconstructions with the
-    visible patches pasted back. x: uint8 (N,3,S,S). With norm_pix_loss the predictions are
+    visible patches pasted back. x: uint8 (N,3,H,W). With norm_pix_loss the predictions are
     standardized patches: for display only, each is given back its true patch's mean and std."""
-    imgs = common.normalize(common.to_float(x))
+    imgs = eval_view(x, cfg.image_size)
     pred, mask = model(imgs, cfg.mask_ratio)  # (N, L, p*p*3), (N, L)
     target = patchify(imgs, cfg.patch_size)
     if cfg.norm_pix_loss:
@@ -321,8 +329,8 @@ def train(cfg: Config) -> dict:
         opt.load_state_dict(state["opt"])
         start_step = state["step"]
 
-    def features(x):  # the encoder's cls token on whole, un-masked, un-augmented uint8 images
-        patches = patchify(common.normalize(common.to_float(x)), cfg.patch_size)
+    def features(x):  # the encoder's cls token on whole, un-masked, un-augmented uint8 images, at image_size
+        patches = patchify(eval_view(x, cfg.image_size), cfg.patch_size)
         return raw_model.forward_encoder(patches, 0.0)[0][:, 0]
 
     def reconstructions(name):  # the first 8 test images, masked, through the whole model

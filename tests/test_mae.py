@@ -171,3 +171,15 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(mae, "mae_loss", monkeypatch, tmp_path, **SMALL_DECODER)
+
+
+def test_evaluations_and_pngs_read_images_at_image_size_not_the_datasets(tmp_path):
+    # synthetic images are 32 px; at image_size=16 the positional embedding has a 4 x 4 grid, so the kNN
+    # features, the linear evaluation's crops, test_loss and the PNG must all be resized to 16 px first
+    cfg = tiny(mae.Config, tmp_path, image_size=16, patch_size=4, subset=128, max_steps=1, linear_epochs=1,
+               **SMALL_DECODER)
+    results = mae.train(cfg)
+    assert all(0 <= results[k] <= 1 for k in ("knn_top1", "probe_top1", "linear_top1"))
+    assert results["test_loss"] > 0
+    png = torchvision.io.read_image(os.path.join(cfg.out_dir, "reconstruction_final.png"))
+    assert png.shape == (3, 3 * 18 + 2, 8 * 18 + 2)  # 16 px images, 2 px padding
