@@ -25,9 +25,9 @@ Lightning-Universe/lightning-bolts, src/pl_bolts/: models/self_supervised/cpc/cp
 self_supervised_learning.py CPCTask, transforms/self_supervised/cpc_transforms.py); the method is P2's
 (its App. A pseudo-code: steps_to_ignore, target_dim 64, emb_scale 0.1, the pixelCNN context); trunk,
 optimizer and schedule are ours. Evaluated features: knn_top1, probe_top1 and linear_top1 all use the
-patch encoder's z of the 7 x 7 patches of the un-augmented image, averaged over the grid (512-d for
-ResNet-18), as P1 Sec. 3.2 mean-pools its grid. Negatives under DDP are global (common.gather_with_grad):
-N processes give the loss of one. Results of this file: not yet measured (README).
+patch encoder's z of the 7 x 7 patches of the un-augmented image resized to image_size, averaged over the
+grid (512-d for ResNet-18), as P1 Sec. 3.2 mean-pools its grid. Negatives under DDP are global
+(common.gather_with_grad): N processes give the loss of one. Results of this file: not yet measured (README).
 
 | setting | paper | official code | this file |
 |---|---|---|---|
@@ -130,7 +130,8 @@ def prediction_steps(patch_size, patch_stride, pred_steps):
 
     Grid row i covers pixel rows [i * stride, i * stride + size), and the context c[i, j] has seen rows <= i,
     whose lowest pixel row is i * stride + size - 1. Row i + k starts at (i + k) * stride: below all of it
-    exactly when k * stride >= size. (P2 App. A skips the first steps_to_ignore offsets for the same reason.)
+    exactly when k * stride >= size. (P2 App. A, 64 px patches at stride 32, ignores steps 1 and 2: the overlapping
+    row and also the first clear one, which touches the context; this file starts at the first clear row.)
     """
     first = -(-patch_size // patch_stride)  # ceil(size / stride)
     return list(range(first, first + pred_steps))
@@ -290,8 +291,11 @@ def train(cfg: Config) -> dict:
         opt.load_state_dict(state["opt"])
         start_step = state["step"]
 
-    def features(x):  # the patch codes z of the whole, un-augmented image, averaged over the grid
-        patches = cut_patches(common.normalize(common.to_float(x)), cfg.patch_size, cfg.patch_stride)
+    def features(x):  # the patch codes z of the whole, un-augmented image at image_size, averaged over the grid
+        x = common.to_float(x)
+        if x.shape[-1] != cfg.image_size:  # the scale the patches were learned at (e.g. STL-10's 96 px at 32)
+            x = F.interpolate(x, size=cfg.image_size, mode="bilinear", antialias=True)
+        patches = cut_patches(common.normalize(x), cfg.patch_size, cfg.patch_stride)
         return raw_model.encode(patches).mean((1, 2))
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps

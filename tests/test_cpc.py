@@ -215,3 +215,12 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(cpc, "cpc_loss", monkeypatch, tmp_path, **FAST)
+
+
+def test_every_grid_is_cut_from_images_at_image_size(tmp_path, monkeypatch):
+    # synthetic images are 32 px; at image_size=24 the views are 24 px, and the evaluations (kNN, probe,
+    # linear crops of the 32 px images) must resize to 24 px too: the scale the patch codes were learned at
+    sides, cut = [], cpc.cut_patches
+    monkeypatch.setattr(cpc, "cut_patches", lambda x, size, stride: sides.append(x.shape[-1]) or cut(x, size, stride))
+    results = cpc.train(tiny(cpc.Config, tmp_path, image_size=24, subset=128, max_steps=1, linear_epochs=1, **FAST))
+    assert results["linear_top1"] is not None and len(sides) > 3 and set(sides) == {24}
