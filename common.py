@@ -857,7 +857,7 @@ def ab_bins(grid=10.0, L_step=0.1):
 def bin_distances(ab, bins):
     """ab (B,2,h,w), bins (Q,2) -> (B*h*w, Q) squared distances, pixels in (B, h, w) order."""
     p = ab.permute(0, 2, 3, 1).reshape(-1, 2).float()  # (P, 2)
-    return ((p**2).sum(1, keepdim=True) - 2 * p @ bins.T + (bins**2).sum(1)).clamp(min=0)
+    return (p[:, :1] - bins[:, 0]) ** 2 + (p[:, 1:] - bins[:, 1]) ** 2  # elementwise: exact (a matmul may be TF32)
 
 def annealed_mean(logits, centres, temperature):
     """logits (B,Q,h,w), bin centres (Q,C) -> (B,C,h,w): the mean of softmax(logits / T), i.e. of p^(1/T)

@@ -39,6 +39,18 @@ def test_ab_bins_are_exactly_the_in_gamut_grid_centres():
     assert not in_gamut(grid[~kept], 0.05).any()  # and no displayable centre was left out
 
 
+def test_nearest_bin_is_exact_even_a_ten_thousandth_from_a_tie():
+    # points 1e-4 either side of the midline between two bin columns (a = 5 between 0 and 10): the nearest
+    # bin flips with the side. |p|^2 - 2 p.b + |b|^2 in float32 (or a TF32 matmul on CUDA) loses that
+    bins, g, n = common.ab_bins(10.0), torch.Generator().manual_seed(0), 4000
+    side = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    a = torch.randint(-8, 8, (n,), generator=g) * 10 + 5 + side * 1e-4
+    b = torch.randint(-8, 8, (n,), generator=g) * 10 + torch.rand(n, generator=g) * 2 - 1
+    ab = torch.stack([a, b]).float().view(1, 2, 1, n)
+    exact = torch.cdist(torch.stack([a, b], 1).double(), bins.double()).argmin(1)
+    assert torch.equal(common.bin_distances(ab, bins).argmin(1), exact)
+
+
 def test_every_srgb_colour_is_within_a_bin_width_of_a_bin():
     bins = common.ab_bins(10.0)
     torch.manual_seed(0)
