@@ -147,18 +147,20 @@ def cut_tiles(x, tile, jitter=0, colour=None):
 
     The cells are S // 3 px; each tile is cut at a random offset inside its cell, so neighbouring
     tiles are apart by a random gap (as in the paper). With jitter, each colour channel of a tile is
-    shifted by its own random offset of up to +-jitter px (kept inside the image), in the images
-    marked by colour (B,) bool, or in all of them.
+    shifted by its own random offset of up to +-jitter px (kept inside the cell, so that no two tiles
+    share a pixel), in the images marked by colour (B,) bool, or in all of them.
     """
     B, C, S, _ = x.shape
     cell, dev = S // 3, x.device
     corner = torch.arange(3, device=dev) * cell
-    top = corner.repeat_interleave(3).view(1, 9, 1) + torch.randint(0, cell - tile + 1, (B, 9, 1), device=dev)
-    left = corner.repeat(3).view(1, 9, 1) + torch.randint(0, cell - tile + 1, (B, 9, 1), device=dev)
+    cell_top, cell_left = corner.repeat_interleave(3).view(1, 9, 1), corner.repeat(3).view(1, 9, 1)  # row-major
+    top = cell_top + torch.randint(0, cell - tile + 1, (B, 9, 1), device=dev)
+    left = cell_left + torch.randint(0, cell - tile + 1, (B, 9, 1), device=dev)
     shift = torch.randint(-jitter, jitter + 1, (2, B, 9, C), device=dev)  # per channel
     if colour is not None:
         shift = shift * colour.view(1, B, 1, 1)  # no shift where the channels are one grey
-    top, left = (top + shift[0]).clamp(0, S - tile), (left + shift[1]).clamp(0, S - tile)  # (B, 9, C) each
+    top = (top + shift[0]).clamp(cell_top, cell_top + cell - tile)  # (B, 9, C)
+    left = (left + shift[1]).clamp(cell_left, cell_left + cell - tile)  # (B, 9, C)
     span = torch.arange(tile, device=dev)
     rows = (top[..., None] + span)[..., :, None]  # (B, 9, C, T, 1)
     cols = (left[..., None] + span)[..., None, :]  # (B, 9, C, 1, T)

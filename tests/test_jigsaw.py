@@ -87,15 +87,20 @@ def test_tiles_equal_cells_and_reassemble_by_inverse_permutation():
         assert torch.equal(puzzle[b, order[b].argsort()], cells[b])  # the inverse permutation gives the cells back
 
 
-def test_tiles_lie_inside_their_cells_with_gaps():
+@pytest.mark.parametrize("jitter", [0, 1, 2])
+def test_tiles_lie_inside_their_cells_with_gaps(jitter):
+    # with channel jitter too: a shifted channel stays in its cell, so no two tiles share a pixel row or column
     torch.manual_seed(0)
     S, T = 64, 18
-    tiles = jigsaw.cut_tiles(position_image(32, S), T)
-    rows, cols = tiles[:, :, 0], tiles[:, :, 1]  # (B, 9, T, T): the source pixel of every tile pixel
+    x = position_image(64, S)
+    x[:, 2] = x[:, 0]  # channel 2 (shifted on its own) also holds the row
+    tiles = jigsaw.cut_tiles(x, T, jitter=jitter)
+    rows, cols = tiles[:, :, 0::2], tiles[:, :, 1]  # (B, 9, [2,] T, T): the source pixel of every tile pixel
     for k in range(9):
         r, c = divmod(k, 3)
         assert rows[:, k].min() >= 21 * r and rows[:, k].max() < 21 * (r + 1)
         assert cols[:, k].min() >= 21 * c and cols[:, k].max() < 21 * (c + 1)
+    rows = tiles[:, :, 0]
     assert torch.equal(rows[..., 1:, :] - rows[..., :-1, :], torch.ones_like(rows[..., 1:, :]))  # contiguous crops
     offsets = rows[:, :, 0, 0] % 21  # the random offset inside the cell: 0 .. 21 - 18
     assert offsets.min() == 0 and offsets.max() == 3
