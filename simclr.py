@@ -29,6 +29,10 @@ Departures from the sources (P: the paper, arXiv v3; C: the official v1 code):
 | lr per 256 images | 0.5, 1.0 or 1.5 (P B.9) | 1.0 (C README), scaled linearly (C model_util.py) | as C |
 | loss | mean over the 2N anchors (P Alg. 1) | loss_a + loss_b: twice that (C objective.py) | as C |
 | LARS momentum | - | the lr inside the buffer (C lars_optimizer.py) | as C (common.LARS form "simclr") |
+| residual blocks | - | last BN's scale starts at 0 (C resnet.py, init_zero=True) | as C |
+| crop | area ~ U(0.08, 1), aspect 3/4-4/3 (P App. A) | aspect, height ~ U; area >= 0.1 (C data_util.py) | as P |
+| crop tries, resize | - | 100, then the whole image; bicubic, whole pixels (C) | 10; bilinear, sub-pixel box |
+| blur | side / 10, sigma 0.1-2, p 0.5 (P App. A); CIFAR: none (B.9) | as P, zero padding (C) | --blur: reflect pad |
 | brightness jitter | + delta, tf.image (P App. A) | + delta (C data_util.py) | x factor, torchvision's |
 | contrast jitter | around each channel's mean (P App. A) | as P (C data_util.py) | around the gray mean (torchvision) |
 | input | pixels in [0, 1] | pixels in [0, 1] (C data_util.py) | standardized, ImageNet mean and std |
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import common
 
@@ -114,6 +119,11 @@ class SimCLR(nn.Module):
     def __init__(self, arch, small_images, proj_dim):
         super().__init__()
         self.backbone, width = common.resnet(arch, small_images)
+        for m in self.backbone.modules():  # each residual block starts as the identity (official resnet.py)
+            if isinstance(m, torchvision.models.resnet.BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+            elif isinstance(m, torchvision.models.resnet.Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
         # g: 2-layer MLP with BN, as the official head: the last BN scales but does not shift
         self.projector = nn.Sequential(
             nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),

@@ -146,3 +146,13 @@ def test_cifar10_loads_through_the_user_path(tmp_path):
     assert xtr.shape == (50000, 3, 32, 32) and xte.shape == (10000, 3, 32, 32) and xtr.dtype == torch.uint8
     assert ytr.bincount().tolist() == [5000] * 10 and yte.bincount().tolist() == [1000] * 10
     assert data.classes[0] == "airplane" and data.steps_per_epoch == 50000 // 64
+
+
+@pytest.mark.parametrize("arch, blocks", [("resnet18", 8), ("resnet50", 16)])
+def test_each_residual_block_starts_as_the_identity_as_the_official_resnet(arch, blocks):
+    # official resnet.py: init_zero=True on the last BatchNorm of every block; the stem's BN keeps scale 1
+    model = simclr.SimCLR(arch, True, 128)
+    last = [m.bn3 if hasattr(m, "bn3") else m.bn2 for m in model.backbone.modules()
+            if isinstance(m, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck))]
+    assert len(last) == blocks and all((bn.weight == 0).all() for bn in last)
+    assert (model.backbone.bn1.weight == 1).all()
