@@ -32,11 +32,12 @@ that dropping the shuffle costs 4% at 800 epochs.
         --key_momentum=0.999 --temperature=0.2 --crop_min=0.2 --blur       # the paper's ImageNet MoCo v2
 
 Defaults: the official CIFAR-10 demo (facebookresearch/moco, colab/moco_cifar10_demo.ipynb), with
-v2's MLP head in place of its linear one (`--mlp=false` keeps the demo's). The demo reports kNN top-1 on its 128-d head output of
-82.6 / 86.3 / 88.7 at 200 / 400 / 800 epochs (asymmetric loss) and 85.3 / 88.5 / 89.7 (symmetric),
-and 90.7% linear top-1 for its symmetric 800-epoch model. Evaluated features: the query encoder's
-pooled backbone output h (512-d for ResNet-18), not the head's output, for knn_top1, probe_top1
-and linear_top1 (common.evaluate). Results of this file: not yet measured (README).
+v2's MLP head in place of its linear one (`--mlp=false` keeps the demo's). The demo reports kNN top-1
+on its 128-d head output of 82.6 / 86.3 / 88.7 at 200 / 400 / 800 epochs (asymmetric loss) and
+85.3 / 88.5 / 89.7 (symmetric), and 90.7% linear top-1 for its symmetric 800-epoch model. Evaluated
+features: the query encoder's pooled backbone output h (512-d for ResNet-18), not the head's output,
+for knn_top1, probe_top1 and linear_top1 (common.evaluate). Results of this file: not yet measured
+(README).
 
 Departures from the sources (P: the v1 / v2 papers; C: the official code, main_moco.py and
 moco/builder.py for ImageNet, D: its CIFAR-10 demo notebook):
@@ -46,11 +47,12 @@ moco/builder.py for ImageNet, D: its CIFAR-10 demo notebook):
 | data, trunk | ImageNet, ResNet-50 (P v1 Sec. 4) | D: CIFAR-10, ResNet-18, CIFAR stem | as D |
 | head | v1: fc 128; v2: MLP, 2048 hidden (P v2 Sec. 3) | C: --mlp; D: fc 128 | MLP, trunk-wide; --mlp=false: fc |
 | augmentation | v2: SimCLR's + blur (P v2 Sec. 3) | C: crop (0.2, 1); D: (0.08, 1), no blur | as D |
+| blur (v2) | SimCLR's (P v2 Sec. 3) | C: PIL's, radius = sigma ~ U(0.1, 2), p 0.5 (loader.py) | off: D; --blur: C |
 | input | - | D: CIFAR-10 mean and std | ImageNet mean and std |
 | K, m, tau | 65536, 0.999, 0.07 / 0.2 (P v1 Sec. 4, v2) | D: 4096, 0.99, 0.1 | as D |
 | batch, lr | 256, SGD 0.03 (P v1 Sec. 4) | D: 512, 0.06 | 0.03 per 256 images, scaled: as D |
 | weight decay | 1e-4 (P v1 Sec. 4) | D: 5e-4 on every parameter | as D |
-| schedule | v1: lr / 10 at 120, 160 of 200; v2: cosine | D: cosine per epoch, the last at lr 0 | cosine per step; 800 |
+| schedule | v1: /10 at 120, 160 of 200; v2: cosine | D: cosine per epoch to 0; 200 (800 in its table) | per step, 800 |
 | loss | asymmetric (P v1 Alg. 1) | D --symmetric: loss_12 + loss_21, a sum | as P; --symmetric as D |
 | key BN | shuffled across 8 GPUs (P v1 Sec. 3.3) | C: rank 0's randperm, broadcast; D: 8 groups | a shared generator |
 | BN groups | - | D: images i, i + 8, i + 16, ... | contiguous; each crop its own |
@@ -90,7 +92,7 @@ class Config:
     temperature: float = 0.1  # tau of the InfoNCE loss (ImageNet: 0.07 in v1, 0.2 in v2)
     symmetric: bool = False  # also use the key crop as a query and sum both losses (the demo's option)
     crop_min: float = 0.08  # smallest area fraction of the random resized crop (the demo's; 0.2 on ImageNet)
-    blur: bool = False  # Gaussian blur on half the views, v2 only (off at 32 px as in the demo; on for ImageNet)
+    blur: bool = False  # Gaussian blur on half the views, v2 only (off at 32 px as the demo): PIL's, as main_moco
     # optim
     epochs: int = 800  # passes over the training images
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
@@ -138,8 +140,8 @@ def moco_view(x, cfg):
     if cfg.version == 2:  # v2 (SimCLR's recipe with jitter strength 0.5, v2 paper Sec. 3)
         x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
         x = common.random_grayscale(x, p=0.2)
-        if cfg.blur:
-            x = common.gaussian_blur(x, p=0.5)
+        if cfg.blur:  # loader.py's PIL GaussianBlur(radius=sigma), sigma ~ U(0.1, 2): a kernel sized by sigma
+            x = common.gaussian_blur(x, p=0.5, sigma=(0.1, 2.0), kernel="sigma")
     else:  # v1 (InstDisc's): grayscale first, then a jitter with a stronger hue on every image
         x = common.random_grayscale(x, p=0.2)
         x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.4)
@@ -270,8 +272,9 @@ def train(cfg: Config) -> dict:
     bn_group = B // cfg.bn_splits if rt.world_size == 1 else B  # images per BN group: the demo's 64 per "GPU"
     bn = f"BN groups of {bn_group} images, keys shuffled across them" if rt.world_size == 1 else \
         f"BN per process, keys shuffled across the {rt.world_size} processes, no SyncBatchNorm"
-    common.print0(f"moco, v{cfg.version} views, {'MLP' if cfg.mlp else 'linear'} head: {total_steps} steps, SGD lr {lr:.3g}, queue {cfg.queue_size}, "
-                  f"key momentum {cfg.key_momentum}, temperature {cfg.temperature}, {bn}")
+    common.print0(f"moco, v{cfg.version} views, {'MLP' if cfg.mlp else 'linear'} head: {total_steps} steps, "
+                  f"SGD lr {lr:.3g}, queue {cfg.queue_size}, key momentum {cfg.key_momentum}, "
+                  f"temperature {cfg.temperature}, {bn}")
 
     raw_model = MoCoEncoder(cfg.arch, cfg.image_size <= 64, cfg.proj_dim, cfg.mlp, bn_group).to(rt.device)
     model = common.compile_and_ddp(raw_model, rt)  # f_q

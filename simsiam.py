@@ -30,13 +30,13 @@ Departures from the sources (P: the paper, arXiv v2; C: the official code, for I
 | setting | paper | official code | this file |
 |---|---|---|---|
 | data, trunk | CIFAR-10, CIFAR ResNet-18 (P App. D) | ImageNet, ResNet-50 | as P |
-| projector | 2 layers, 2048-d output (P App. D); 3 on ImageNet | 3 layers, 2048 hidden (C builder.py) | 2; 2048 hid. |
-| predictor | ImageNet: 2048 -> 512 -> 2048 (P Sec. 3); CIFAR: - | as P (C --pred-dim 512) | as P's ImageNet |
+| projector | 2 fc, 2048-d output (P App. D); ImageNet: 3 | 3, hidden = trunk width (C builder.py) | 2; 2048 hidden |
+| predictor | ImageNet: 2048 -> 512 -> 2048 (P Sec. 3), hidden d/4 (App. B) | as P (C --pred-dim 512) | as P |
 | lr per 256, batch | 0.03, 512 (P App. D) | 0.05, 512 (C main_simsiam.py) | as P |
 | weight decay | 5e-4 on every parameter (P App. D, A) | 1e-4 on every parameter | as P |
-| predictor lr | fixed, the encoder's decays (P Sec. 4.2) | fixed with --fix-pred-lr (C README) | as P |
+| predictor lr | cosine (P Sec. 3); fixed from Table 1c (68.1 vs 67.7) on | cosine; README: --fix-pred-lr | fixed |
 | schedule | cosine, 800 epochs (P App. D) | cosine, one lr per epoch | cosine per step |
-| blur | none on CIFAR (P App. D) | p 0.5 (C main_simsiam.py, ImageNet) | as P (--blur) |
+| blur | none on CIFAR (P App. D) | PIL's, radius = sigma ~ U(0.1, 2), p 0.5 (C loader.py) | as P; --blur: as C |
 | evaluation | kNN monitor; linear (P App. D) | LARS, batch 4096 (C main_lincls.py) | the three on h (above) |
 """
 
@@ -68,7 +68,7 @@ class Config:
     pred_hidden: int = 512  # bottleneck of the prediction MLP h (d/4, as 2048 -> 512 -> 2048 in Sec. 3)
     # method
     crop_min: float = 0.2  # smallest area fraction of the random resized crop (official code: 0.2)
-    blur: bool = False  # Gaussian blur with p = 0.5 (ImageNet, official code); off on CIFAR (App. D)
+    blur: bool = False  # Gaussian blur, p = 0.5: off on CIFAR (App. D); main_simsiam.py's PIL kernel (ImageNet)
     fix_pred_lr: bool = True  # keep the predictor's lr at its base value, not decayed (Sec. 4.2, Table 1c)
     # optim
     epochs: int = 800  # passes over the training images
@@ -109,8 +109,8 @@ def simsiam_view(x, cfg):
     x = common.random_resized_crop(x, cfg.image_size, scale=(cfg.crop_min, 1.0))
     x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
     x = common.random_grayscale(x, p=0.2)
-    if cfg.blur:
-        x = common.gaussian_blur(x, p=0.5)
+    if cfg.blur:  # loader.py's PIL GaussianBlur(radius=sigma), sigma ~ U(0.1, 2): a kernel sized by sigma
+        x = common.gaussian_blur(x, p=0.5, sigma=(0.1, 2.0), kernel="sigma")
     x = common.random_flip(x)
     return common.normalize(x)
 
