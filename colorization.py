@@ -16,10 +16,11 @@ Solving the task requires knowing what is in the image, so the trunk learns a re
     python colorization.py --dataset=synthetic --arch=tiny --epochs=1 --batch_size=256   # CPU smoke run
 
 Defaults: the paper has no CIFAR recipe and no CIFAR number. This file keeps its objective and its
-solver (Adam, L2 1e-3) and sizes the rest for 32 px images. Sources checked, P: the paper (arXiv v5);
+solver (Adam, L2 1e-3, though against a loss over fewer pixels: row "L2 vs. loss") and sizes the rest
+for 32 px images. Sources checked, P: the paper (arXiv v5);
 C: the official Caffe code (richzhang/colorization, caffe branch): the feature-learning AlexNet of
 train_alexnet/ (train_val.prototxt, solver0-3.prototxt; "v2": the colour net of
-models/colorization_train_val_v2.prototxt, train/solver.prototxt) and the layers of
+models/colorization_train_val_v2.prototxt, train/solver.prototxt, train/readme) and the layers of
 resources/caffe_traininglayers.py and softmax_cross_entropy_loss_layer.cpp.
 Evaluated features: the trunk's pooled output on the L channel alone (grayscale input, as P Sec. 3.2)
 of the un-augmented image resized to image_size, for knn_top1, probe_top1 and linear_top1
@@ -39,10 +40,12 @@ error (thresholds 0 to 150, P Sec. 3.1). Results of this file: not yet measured 
 | grey images | - | no loss if all grid a, b are within +-5 (C NonGrayMaskLayer) | as C |
 | loss scale | sum over pixels (P Eq. 2) | / images, not pixels (C loss layer .cpp) | as C |
 | crops | - | 180 px of 256 px, flips (C; 176 px in v2) | square, 50-100% of the area, flips |
-| batch, steps | - | 80, 450k (C solver0-3; v2: 40, 450k) | 256, 200 epochs (39k) |
+| batch, steps | - | 80, 450k (C solver0-3); v2: 40, max_iter 500k, ends near 450k (C readme) | 256, 200 epochs (39k) |
 | Adam betas | 0.9, 0.99 (P Sec. 3) | 0.9, 0.999 (C solver0-3; 0.99 in v2) | as P |
 | lr | 3e-5; 1e-5, 3e-6 at 200k, 375k (P Sec. 3) | 3e-5; 1e-5, 3e-6, 1e-6 at 240k, 300k, 400k (C) | 1e-3 / 256, cosine |
-| weight decay | L2 1e-3 (P Sec. 3) | L2 1e-3; biases: none, lr x2 (C train_val) | L2 1e-3, weights only |
+| lr, v2 | - | 3e-5, x0.1 per 225k (C solver @4aa459f, readme); 3.16e-5, x0.316 per 215k (@94b2a53) | as lr |
+| weight decay | L2 1e-3 (P Sec. 3) | 1e-3; biases: none, lr x2 (C train_val; v2: as weights) | L2 1e-3, weights only |
+| L2 vs. loss | - | loss sums 23 x 23 = 529 pixels (v2: 44 x 44 = 1,936) (C) | 64 (8 x 8): L2 8x (30x) stronger |
 | annealed-mean T | 0.38 (P Sec. 2.3) | 1 / 2.606 = 0.384 (C deploy_v2 conv8_313_rh) | as P (PNGs, AuC) |
 | evaluation | linear on frozen conv maps, ImageNet (P Sec. 3.2) | - | knn, probe, linear_eval |
 """

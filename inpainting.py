@@ -42,7 +42,8 @@ Departures from the sources (P: the paper, arXiv v2; C: the official Torch code,
 | random regions | VOC shapes, <= 1/4 (P Sec. 3.3) | noise, 20-30%, batch-wide (C train_random.lua) | 1/4, per image |
 | random blocks | features as good as regions' (P Sec. 3.3) | - | not offered |
 | overlap band | 7 px (P Sec. 4) | center 4 px: hole 56 of 64; regions 0 (C README) | center 1 px: 14 of 16; regions 0 |
-| L2 over | the dropped region (P Sec. 3.2) | region; whole image (C train_random.lua) | region, band 10x (as C) |
+| L2, center | hole; 7 px band 10x (P Sec. 3.2, 4) | 64 px patch; 4 px band 10x (C train.lua) | as C (--overlap=1) |
+| L2, regions | the dropped region (P Sec. 3.2) | whole image, weight 1 (C train_random.lua, README) | as P: hole only |
 | loss | L2 alone for features (P Sec. 5.2) | 0.999 L2 + 0.001 adversarial (C README) | as P; as C: a flag |
 | lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C (L2 alone: F 2e-4) |
 | D's input | not the context (P Sec. 3.2) | region; whole image (C train_random.lua) | image times region |
@@ -244,7 +245,7 @@ def reconstruction_loss(pred, target, hole, region, overlap_weight):
     pred, target: (B,3,H,W) pixels in [-1,1]; hole, region: (B,1,H,W), the removed pixels and the larger
     region F paints. Squared errors weigh 1 in the hole, overlap_weight in the band (region less hole)
     and 0 in the rest of the context. Per image: the weighted sum over the region divided by its
-    3 * pixels (the official code's MSE over the predicted patch), then the mean over images (so the
+    3 * pixels (train.lua's MSE over its predicted patch), then the mean over images (so the
     mean over processes equals the one-process loss). Computed in float32.
     """
     pred, target, hole, region = pred.float(), target.float(), hole.float(), region.float()

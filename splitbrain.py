@@ -38,6 +38,7 @@ L bins. Results of this file: not yet measured (README).
 | loss scale | sum over pixels (P Eq. 2) | - | as P, mean over images |
 | crops | 180 px of 256 px (P App. B) | - | square, 50-100% of the area, flips |
 | optimizer, lr, steps | - | - | colorization.py's: Adam, 1e-3 per 256, 200 epochs |
+| L2 | - | - | 1e-3 of colorization's C, whose loss sums 529 (v2: 1,936) pixels; here 2 losses of 64 |
 | annealed-mean T | for pictures, T of [49] (P Sec. 4.1) | - | 0.38, both halves (PNGs) |
 | evaluation | linear on frozen conv maps, ImageNet (P Table 2) | - | knn, probe, linear_eval |
 """
