@@ -24,22 +24,27 @@ its W GPUs with an all_reduce that autograd does not see; after DDP's mean its s
 the global loss's gradient. This file takes the true gradient at any W; the official W-GPU run is
 `--lars_form=byol --lars_eta=0.001 --lars_clip=false --lr=0.2 --lr_biases=0.0048 --weight_decay=1e-6
 --final_lr_ratio=0.001 --loss_scale=1/W` with 1/W as a number (its README: 16 GPUs, 0.0625), checked
-by tests/dist_barlow_official.py; on ImageNet add `--arch=resnet50 --image_size=224 --proj_dim=8192
---blur=true --batch_size=2048`. Evaluated features: the backbone's pooled h (512-d for ResNet-18) for
-knn_top1, probe_top1 and linear_top1 (common.evaluate). Results of this file: not yet measured (README).
+by tests/dist_barlow_official.py; on ImageNet add `--dataset=folder --data_dir=<ImageNet> --arch=resnet50
+--image_size=224 --proj_dim=8192 --blur=true --batch_size=2048`. Still different from C then: the trunk's init
+and the crops' interpolation (table), bfloat16 autocast for C's float16, and the crops, cut from each image's
+256 px centre square (common's folder loader) where C crops the whole image. Evaluated features: the
+backbone's pooled h (512-d for ResNet-18) for knn_top1, probe_top1 and linear_top1 (common.evaluate).
+Results of this file: not yet measured (README).
 
 Departures from the sources (P: the paper, ICML version; C: the official main.py; S: solo-learn, above):
 
 | setting | paper | official code | this file |
 |---|---|---|---|
-| trunk | ResNet-50 (P 2.2) | ResNet-50, zero-init last BN of each block (C) | ResNet-18, CIFAR stem (S; it pads 2 px) |
+| trunk | ResNet-50 (P 2.2) | as P (C) | ResNet-18, CIFAR stem (S; it pads 2 px) |
+| trunk init | - | zero_init_residual=True: each block's last BN at 0 (C) | torchvision's default: no zero-init (S) |
 | batch, epochs | 2048, 1000, 32 GPUs (P 2.2) | 2048, 1000, 16 GPUs (C README) | 256, 1000 (S) |
 | projector | 3 x 8192, BN + ReLU after two (P 2.2) | as P, no biases (C) | 3 x 2048 (S), no biases (C; S: biases) |
 | lambda | 5e-3 (P 2.2) | 0.0051 (C) | as C (S) |
 | standardization | z.std(0), unbiased (P Alg. 1) | BatchNorm1d(affine=False), synced (C) | as C |
 | loss scale | 1 | 1; W GPUs step on 1/W of the gradient (C) | 0.1 (S); the true gradient |
-| LARS trust ratio | BYOL's (P 2.2) | eta norm(w) / norm(g + wd w) (C) | eta norm(w) / (norm(g) + wd norm(w)) (S) |
-| LARS form | - | lr after the momentum (C: form "byol") | as C (S: form "larc") |
+| LARS form | BYOL's (P 2.2) | "byol": v <- m v + trust d, w <- w - lr v (C) | "larc" (S): the same steps |
+| LARS trust | BYOL's (P 2.2) | eta norm(w) / norm(g + wd w) (C) | eta norm(w) / (norm(g) + wd norm(w)) (S) |
+| LARS flag | - | - | --lars_form=byol: C's form and trust (common.LARS) |
 | LARS eta, clip | - | 0.001, no clip (C) | 0.02, each layer's rate capped at lr (S) |
 | lr per 256 images | 0.2, biases and BN 0.0048 (P 2.2) | as P (C) | 0.3, biases and BN too (S) |
 | weight decay | 1.5e-6, not on biases and BN (P 2.2) | 1e-6, as P (C default) | 1e-4, as P (S) |

@@ -36,7 +36,11 @@ knn_top1, probe_top1 and linear_top1 on the image tower's pooled trunk output h 
 before the projection; common.evaluate); zero_shot_top1 on the test set, the projected, normalized
 image embedding against each class's prompt ensemble (with --captions=classes those class names were
 the training captions: this shows classification through the text tower, not transfer to new words).
-Results of this file: not yet measured (README).
+Results of this file: not yet measured (README). In the init rows, W and L are the text tower's width and
+depth, "attn in" and "MLP in" the input projections of a block's attention and MLP, "outputs" the output
+projections of both; "torch's" is PyTorch's default: xavier-uniform for the attention's input projection,
+U(+-fan_in^-.5) for the other linear layers (the projections to the joint space included), torchvision's
+init for the ResNet. Only the token and position embeddings follow C's init (std 0.02 and 0.01).
 
 Departures from the sources (P: the paper; C: openai/CLIP, the released models and inference, no training):
 
@@ -45,7 +49,10 @@ Departures from the sources (P: the paper; C: openai/CLIP, the released models a
 | pairs | 400M web (image, text) pairs (P Sec. 2.2) | - | CIFAR-10 images, class-name captions |
 | batch, epochs | 32,768, 32 (P Sec. 2.5, Tab. 19) | - | 512, 100 |
 | image tower | ResNet-D, blur, attention pool; ViT (P Sec. 2.4) | as P (C model.py) | ResNet-18, CIFAR stem, avg pool |
-| text tower | 12 x 512, 8 heads (P Sec. 2.4) | QuickGELU, scaled init (C model.py) | 4 x 256, 4; GELU, torch init |
+| text tower | 12 x 512, 8 heads (P Sec. 2.4) | QuickGELU (C model.py) | 4 x 256, 4 heads; GELU |
+| init: text embeddings | - | normal, std 0.02 tokens, 0.01 positions (C model.py) | as C |
+| init: text blocks, proj | - | normal: attn in W^-.5, MLP in (2W)^-.5, outputs (2LW)^-.5, proj W^-.5 (C) | torch's |
+| init: image tower | - | ResNets: bottlenecks' bn3 at 0, attention pool normal in^-.5 (C model.py) | torch's |
 | text tokens | lower-case BPE: 49,152, max 76 (P Sec. 2.4) | 49,408; 77 with start, end (C clip.py) | 259 (bytes); 77 |
 | joint width | 1024 for RN50 (P Tab. 20) | - | 256 |
 | lr | 5e-4 for RN50 at batch 32,768 (P Tab. 20) | - | 5e-4 per 256, scaled: 1e-3 at 512 |

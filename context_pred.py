@@ -27,6 +27,16 @@ applied to the whole image at the pretext's scale (upsampled to image_size, colo
 normalized as one patch), globally pooled (512-d for ResNet-18). pretext_top1 is the relative-position
 accuracy on pairs cut from the test images. Results of this file: not yet measured (README).
 
+A shortcut that the paper's large images leave closed is open here. At the default 64 px, the grid (3 x 14 px
+patches, 2 x 7 px gaps, 2 x 2 px jitter: 60 px) leaves `room` = 4 px of slack in sample_pairs, so the centre patch
+always comes from the middle of the image and the neighbour of each label from a nearly fixed spot: its top-left corner
+lies within a 9 px range per axis (rows 0-8 for the top row of the grid, 42-50 for the bottom row). Where a
+patch lies in the image thus nearly gives the label, and the encoder may learn where such content usually
+sits in a CIFAR image (the object near the centre, background at the borders, sky at the top; the flip makes
+left and right alike, not top and bottom) instead of relating the two patches. The official train.py
+starts each grid uniformly in 0-143 px (one patch plus one gap) and tiles the whole 150k-450k pixel image,
+so every label is drawn at many places. More slack: a larger --image_size (96: 36 px) or smaller patches.
+
 Departures from the sources (P: the paper, arXiv v3; C: the official code cdoersch/deepcontext,
 train.py, which its README calls a refactoring of the paper's code):
 
@@ -38,11 +48,14 @@ train.py, which its README calls a refactoring of the paper's code):
 | image | 150k to 450k pixels (P Sec. 3.2) | as P (C) | CIFAR upsampled to 64 px, flipped |
 | patch, gap, jitter | 96, 48, +-7 px (P Sec. 3.2) | as P (C) | 14, 7, +-2 px |
 | pairs | a patch, one of its 8 neighbours (P Sec. 3) | all neighbours in 4 grids an image (C) | centre, 1 neighbour |
+| batch | - | up to 512 patches and all their pairs (C batch_sz) | 128 pairs, one per image |
+| grid place | - | start uniform in 0-143 px, cells over the whole image (C) | 0-4 px at 64 px (above) |
 | chromatic aberration | projection, or colour dropping (P 3.1) | colour dropping (C prep_image) | projection |
 | patch normalization | mean subtraction (P Sec. 3.2) | kept channel's mean out, / RMS, x 50 (C) | means out, / RMS |
 | pixelation | some patches down to 100 px (P 3.2) | a third, to 10-95 px sides (C) | none (CIFAR is upsampled) |
 | optimizer | SGD (P Sec. 3.2) | lr 1e-5 on the summed loss, no momentum, no wd (C) | Nesterov 0.9, wd 5e-4 |
-| schedule | - | constant lr, ~1M steps (C README) | lr 0.1 at 128, cosine, 100 ep. |
+| schedule | - | constant lr, no end: max_iter 1e9 (C solver_mko.prototxt) | lr 0.1 at 128, cosine, 100 ep. |
+| length | - | ~1M iterations: the paper's model; 1.7M: its 51.4% VOC run (C README) | 100 epochs, 39k steps |
 | evaluation | fine-tuning, VOC 2007 detection (P Sec. 4) | - | frozen: kNN, probe, linear |
 """
 

@@ -27,12 +27,16 @@ solo-learn reports 89.17% top-1 of its online linear classifier. tau 0.1, 3000 p
 epsilon 0.05, 3 Sinkhorn iterations, a queue of 3840 and weight decay 1e-6 are the paper's, the
 official code's and S's alike (the head's hidden width, 2048, is C's and S's). No small crops at 32 px
 (S: none; a 5-14% crop of 32 px is 7-12 px a side); the paper's are `--crop_min=0.14 --n_small_crops=6`
-(16 px: about 96/224 of the side). The official batch-256 run (scripts/swav_200ep_bs256_pretrain.sh)
-adds `--lars_eta=0.001 --lars_clip=false --exclude_bias_n_norm=false --final_lr_ratio=0.001
---warmup_epochs=0 --freeze_prototypes_epochs=1 --queue_start_epoch=15`; ImageNet: `--arch=resnet50
---image_size=224 --small_crop_size=96`. Evaluated features: the backbone's pooled h (512-d for
-ResNet-18) for knn_top1, probe_top1 and linear_top1 (common.evaluate). Results of this file: not yet
-measured (README).
+(16 px: about 96/224 of the side). The official batch-256 ImageNet run (C bs256:
+scripts/swav_200ep_bs256_pretrain.sh; 400 epochs: swav_400ep_bs256_pretrain.sh) is, in this file's flags,
+`--dataset=folder --data_dir=<ImageNet> --arch=resnet50 --image_size=224 --epochs=200 --crop_min=0.14
+--n_small_crops=6 --small_crop_size=96 --lars_eta=0.001 --lars_clip=false --exclude_bias_n_norm=false
+--final_lr_ratio=0.001 --warmup_epochs=0 --freeze_prototypes_epochs=1 --queue_start_epoch=15`; its batch (256),
+lr (0.6), small-crop areas (0.05-0.14), tau, epsilon, Sinkhorn iterations, prototypes, queue and weight decay
+are the defaults. What still differs: the rows below that cite C, bfloat16 autocast for C's apex fp16, and the
+crops, cut from each image's 256 px centre square (common's folder loader) where C crops the whole image.
+Evaluated features: the backbone's pooled h (512-d for ResNet-18) for knn_top1, probe_top1 and
+linear_top1 (common.evaluate). Results of this file: not yet measured (README).
 
 Departures (P: the paper; C: the official code, bs256: its batch-256 script; S: solo-learn, above):
 
