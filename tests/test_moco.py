@@ -258,3 +258,11 @@ def test_resume_is_exact_including_queue_and_key_encoder(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(moco, "moco_loss", monkeypatch, tmp_path)
+
+
+def test_blur_is_the_official_loaders_pil_blur(tmp_path, monkeypatch):
+    # loader.py: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), p 0.5: common's kernel sized by sigma
+    calls, blur = [], common.gaussian_blur
+    monkeypatch.setattr(common, "gaussian_blur", lambda x, **kw: calls.append(kw) or blur(x, **kw))
+    moco.moco_view(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), tiny(moco.Config, tmp_path, blur=True))
+    assert calls == [dict(p=0.5, sigma=(0.1, 2.0), kernel="sigma")]

@@ -146,3 +146,11 @@ def test_every_residual_block_starts_as_the_identity():
         block = backbone.layer1[1].eval()  # no downsampling: at init, relu(x + 0)
         x = torch.randn(2, block.conv1.in_channels, 8, 8)
         torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_blur_is_the_official_loaders_pil_blur(tmp_path, monkeypatch):
+    # loader.py: PIL's GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), p 0.5: common's kernel sized by sigma
+    calls, blur = [], common.gaussian_blur
+    monkeypatch.setattr(common, "gaussian_blur", lambda x, **kw: calls.append(kw) or blur(x, **kw))
+    simsiam.simsiam_view(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), tiny(simsiam.Config, tmp_path, blur=True))
+    assert calls == [dict(p=0.5, sigma=(0.1, 2.0), kernel="sigma")]
