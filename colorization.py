@@ -126,9 +126,7 @@ def colorization_view(x, cfg):
 
 def lab_at(x, size):
     """uint8 (B,3,H,W) -> Lab (B,3,size,size): un-augmented images at the training scale (bilinear, if not already)."""
-    x = common.to_float(x)
-    return common.rgb_to_lab(x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear",
-                                                                         antialias=True))
+    return common.rgb_to_lab(common.resize(common.to_float(x), size))
 
 
 def split_lab(lab):

@@ -409,6 +409,10 @@ def to_float(x):
     """uint8 (B,3,H,W) -> float32 in [0, 1]."""
     return x.float() / 255
 
+def resize(x, size):
+    """(B,3,H,W) float -> (B,3,size,size), bilinear with antialiasing; unchanged when already that size."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+
 def _per_image(x, p):
     """(B,1,1,1) bool: which images an augmentation applied with probability p touches."""
     return torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
@@ -511,17 +515,18 @@ def normalize(x, mean=MEAN, std=STD):
 # -------------------------------------------------------------------------------------------------
 # models and optimization
 
-def resnet(arch, small_images=True, in_channels=3):
+def resnet(arch, small_images=True, in_channels=3, zero_init_residual=False):
     """Backbone without its classifier -> (module: (B,C,H,W) -> (B, width), width). resnet18/34/50
     are torchvision's; small_images swaps in CIFAR's stem (3x3 stride-1 conv, no max-pool), so the
-    weights load into a torchvision ResNet given the same stem. `tiny`: 4 convs, for CPU runs."""
+    weights load into a torchvision ResNet given the same stem. zero_init_residual: each residual block's
+    last BatchNorm scale starts at 0, so that the block starts as the identity. `tiny`: 4 convs, for CPU runs."""
     if arch == "tiny":
         layers, c_in = [], in_channels
         for c_out, stride in [(16, 1), (32, 2), (64, 2), (128, 2)]:
             layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
-    net = getattr(torchvision.models, arch)()
+    net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
     if small_images:
         net.conv1, net.maxpool = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
     elif in_channels != 3:

@@ -121,11 +121,6 @@ class Config:
 # views: patch pairs
 
 
-def resize(x, size):
-    """(B,3,H,W) float -> (B,3,size,size), bilinear; unchanged when already that size."""
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-
-
 def remove_green_magenta(x):
     """The paper's "projection" against chromatic aberration: each pixel's colour loses its
     component along the green-magenta axis a = (-1, 2, -1)/sqrt(6), i.e. x - a (a . x); grey is
@@ -187,7 +182,7 @@ def patch_pairs(x, cfg):
 
 def context_view(x, cfg):
     """uint8 (B,3,H,W) -> centre and neighbour patches (B,3,P,P) each, and labels (B,)."""
-    x = resize(common.to_float(x), cfg.image_size)
+    x = common.resize(common.to_float(x), cfg.image_size)
     x = common.random_flip(x)  # before the grid: the labels follow the flipped image
     return patch_pairs(x, cfg)
 
@@ -242,7 +237,7 @@ def context_accuracy(model, data, rt, cfg, batch_size=512):
     model.eval()
     counts = torch.zeros(2, device=rt.device)  # correct, seen
     for x, _ in data.eval_batches("test", batch_size):
-        centre, neighbour, labels = patch_pairs(resize(common.to_float(x), cfg.image_size), cfg)
+        centre, neighbour, labels = patch_pairs(common.resize(common.to_float(x), cfg.image_size), cfg)
         with rt.autocast():
             logits = model(centre, neighbour)  # (b, 8)
         counts += torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=rt.device)])
@@ -277,7 +272,8 @@ def train(cfg: Config) -> dict:
         start_step = state["step"]
 
     def features(x):  # f on the whole image at the patches' scale, projected and normalized as one patch
-        return raw_model.backbone(normalize_patch(remove_green_magenta(resize(common.to_float(x), cfg.image_size))))
+        x = common.resize(common.to_float(x), cfg.image_size)
+        return raw_model.backbone(normalize_patch(remove_green_magenta(x)))
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
         log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),

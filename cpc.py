@@ -292,9 +292,7 @@ def train(cfg: Config) -> dict:
         start_step = state["step"]
 
     def features(x):  # the patch codes z of the whole, un-augmented image at image_size, averaged over the grid
-        x = common.to_float(x)
-        if x.shape[-1] != cfg.image_size:  # the scale the patches were learned at (e.g. STL-10's 96 px at 32)
-            x = F.interpolate(x, size=cfg.image_size, mode="bilinear", antialias=True)
+        x = common.resize(common.to_float(x), cfg.image_size)  # the scale the patches were learned at
         patches = cut_patches(common.normalize(x), cfg.patch_size, cfg.patch_stride)
         return raw_model.encode(patches).mean((1, 2))
 

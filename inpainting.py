@@ -131,8 +131,7 @@ def inpainting_view(x, cfg):
 
 def eval_view(x, size):
     """Un-augmented uint8 images -> float [0,1] at the training side (the scale the trunk learned, as rotnet.py)."""
-    x = common.to_float(x)
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return common.resize(common.to_float(x), size)
 
 
 def central_region(n, size, device=None):

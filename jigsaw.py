@@ -286,7 +286,7 @@ def train(cfg: Config) -> dict:
         start_step = state["step"]
 
     def features(x):  # f on the whole un-tiled image, at the puzzle's scale, standardized like a tile
-        x = F.interpolate(common.to_float(x), size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+        x = common.resize(common.to_float(x), cfg.image_size)
         return raw_model.backbone(standardize(x))
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 
@@ -258,9 +257,7 @@ def mae_loss(imgs, pred, mask, p, norm_pix_loss):
 
 def eval_view(x, size):
     """Un-augmented uint8 images -> normalized float at the training side (the positional embedding's grid)."""
-    x = common.to_float(x)
-    x = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return common.normalize(x)
+    return common.normalize(common.resize(common.to_float(x), size))
 
 
 @torch.no_grad()

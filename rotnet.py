@@ -99,11 +99,6 @@ class Config:
 # views
 
 
-def resize(x, size):
-    """(B,3,H,W) float -> (B,3,size,size), bilinear; unchanged when already that size."""
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-
-
 def random_crop(x, pad):
     """torchvision's RandomCrop(size, padding=pad) per image: zero-pad each side by `pad`, cut the
     original size back out at a random offset. (B,3,H,W) -> (B,3,H,W)."""
@@ -117,7 +112,7 @@ def random_crop(x, pad):
 
 def rotnet_view(x, cfg):
     """The official CIFAR augmentation, on the device: uint8 (B,3,H,W) -> normalized (B,3,S,S)."""
-    x = resize(common.to_float(x), cfg.image_size)
+    x = common.resize(common.to_float(x), cfg.image_size)
     x = random_crop(x, cfg.crop_pad)
     x = common.random_flip(x)
     return common.normalize(x)
@@ -211,7 +206,7 @@ def rotation_accuracy(model, data, rt, size, batch_size=512):
     model.eval()
     counts = torch.zeros(2, device=rt.device)  # correct, seen
     for x, _ in data.eval_batches("test", batch_size):
-        images, labels = rotate_batch(common.normalize(resize(common.to_float(x), size)))  # (4b, ...)
+        images, labels = rotate_batch(common.normalize(common.resize(common.to_float(x), size)))  # (4b, ...)
         i = torch.arange(len(x), device=x.device)
         pick = (i % 4) * len(x) + i  # row k*b + i is image i turned k times: take k = i % 4
         images, labels = images[pick], labels[pick]  # (b, 3, S, S), (b,)
@@ -248,10 +243,10 @@ def train(cfg: Config) -> dict:
         start_step = state["step"]
 
     def features(x):  # pooled trunk output of un-augmented, upright uint8 images
-        return raw_model.backbone(common.normalize(resize(common.to_float(x), cfg.image_size)))
+        return raw_model.backbone(common.normalize(common.resize(common.to_float(x), cfg.image_size)))
 
     def mid_features(x):  # pooled intermediate block (ResNet layer3, NIN block 2)
-        return raw_model.mid_features(common.normalize(resize(common.to_float(x), cfg.image_size)))
+        return raw_model.mid_features(common.normalize(common.resize(common.to_float(x), cfg.image_size)))
 
     def monitor(step, epoch):  # the kNN monitor (and the method's own metrics) after `step` steps
         log.write({"step": step, "epoch": epoch, **common.evaluate(raw_model, features, data, rt),

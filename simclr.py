@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import common
 
@@ -118,12 +117,8 @@ class SimCLR(nn.Module):
 
     def __init__(self, arch, small_images, proj_dim):
         super().__init__()
-        self.backbone, width = common.resnet(arch, small_images)
-        for m in self.backbone.modules():  # each residual block starts as the identity (official resnet.py)
-            if isinstance(m, torchvision.models.resnet.BasicBlock):
-                nn.init.zeros_(m.bn2.weight)
-            elif isinstance(m, torchvision.models.resnet.Bottleneck):
-                nn.init.zeros_(m.bn3.weight)
+        # each residual block starts as the identity, as the official resnet.py (init_zero=True)
+        self.backbone, width = common.resnet(arch, small_images, zero_init_residual=True)
         # g: 2-layer MLP with BN, as the official head: the last BN scales but does not shift
         self.projector = nn.Sequential(
             nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import common
 
@@ -119,17 +118,6 @@ def simsiam_view(x, cfg):
 # model
 
 
-def zero_init_residual(backbone):
-    """Scale 0 for the last BatchNorm of every residual block, so that each block starts as the identity
-    (paper App. A; official builder.py: zero_init_residual=True). The tiny trunk has no residual blocks."""
-    for m in backbone.modules():
-        if isinstance(m, torchvision.models.resnet.BasicBlock):
-            nn.init.zeros_(m.bn2.weight)
-        elif isinstance(m, torchvision.models.resnet.Bottleneck):
-            nn.init.zeros_(m.bn3.weight)
-    return backbone
-
-
 class SimSiam(nn.Module):
     """Encoder f = projection MLP o backbone, and prediction MLP h (paper Sec. 3, "Baseline settings").
 
@@ -141,8 +129,8 @@ class SimSiam(nn.Module):
 
     def __init__(self, arch, small_images, proj_layers, proj_hidden, proj_dim, pred_hidden):
         super().__init__()
-        backbone, width = common.resnet(arch, small_images)
-        self.backbone = zero_init_residual(backbone)
+        # each residual block starts as the identity (paper App. A; official builder.py: zero_init_residual=True)
+        self.backbone, width = common.resnet(arch, small_images, zero_init_residual=True)
         layers, d = [], width
         for _ in range(proj_layers - 1):
             layers += [nn.Linear(d, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True)]
