@@ -652,13 +652,13 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, epochs=100,
     clf = nn.Linear(xtr.shape[1], int(train_labels.max()) + 1).to(xtr.device)
     opt, steps = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay), max(1, len(xtr) // batch_size)
     with torch.enable_grad():
-        for step in range(epochs * steps):
-            perm = torch.randperm(len(xtr), device=xtr.device) if step % steps == 0 else perm
-            idx = perm[(step % steps) * batch_size:][:batch_size]
-            set_lr(opt, cosine_lr(step, epochs * steps, 0, lr))
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(clf(xtr[idx]), train_labels[idx]).backward()
-            opt.step()
+        for epoch in range(epochs):
+            perm = torch.randperm(len(xtr), device=xtr.device)
+            for i, idx in enumerate(perm[:steps * batch_size].split(batch_size)):  # `steps` full batches
+                set_lr(opt, cosine_lr(epoch * steps + i, epochs * steps, 0, lr))
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(clf(xtr[idx]), train_labels[idx]).backward()
+                opt.step()
     return (clf(xte).argmax(1) == test_labels).float().mean().item()
 
 def linear_eval(features, data, rt, epochs=100, batch_size=256, lr=0.1, seed=0):
