@@ -172,12 +172,19 @@ def cleanup():
 def _distributed():
     return dist.is_initialized() and dist.get_world_size() > 1
 
+@torch.no_grad()
+def all_gather(x):
+    """(B, ...) on each process -> (world*B, ...), every process's rows in rank order; no gradient. Identity on one."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return all_gather(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -623,8 +630,7 @@ def extract_features(features, data, split, rt, flip=False, batch_size=512):
     feats = torch.cat(out, 1)  # (1 or 2, this process's share, D)
     if _distributed():  # all_gather wants equal sizes: pad every share to the first (largest), trim after
         sizes = [len(s) for s in torch.arange(n).tensor_split(rt.world_size)]
-        parts = [feats.new_empty(feats.shape[0], sizes[0], feats.shape[2]) for _ in sizes]
-        dist.all_gather(parts, F.pad(feats, (0, 0, 0, sizes[0] - feats.shape[1])))
+        parts = all_gather(F.pad(feats, (0, 0, 0, sizes[0] - feats.shape[1]))[None])  # (W, 1 or 2, sizes[0], D)
         feats = torch.cat([p[:, :k] for p, k in zip(parts, sizes)], 1)
     return feats.flatten(0, 1), data.labels(split).to(feats.device).repeat(2 if flip else 1)
 
@@ -687,7 +693,7 @@ def linear_eval(features, data, rt, epochs=100, batch_size=256, lr=0.1, seed=0):
             with torch.no_grad(), rt.autocast():
                 h = features((crops * 255).round().to(torch.uint8)).float()  # uint8 crops, as a PIL pipeline's
             # every process takes the same k steps on the global batches: the shares (W, k, B/W) -> (k, B)
-            h, y = (gather_with_grad(t).unflatten(0, (W, -1, B // W)).transpose(0, 1).flatten(1, 2) for t in (h, y))
+            h, y = (all_gather(t).unflatten(0, (W, -1, B // W)).transpose(0, 1).flatten(1, 2) for t in (h, y))
             for hb, yb in zip(h, y):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(clf(hb), yb).backward()

@@ -227,13 +227,6 @@ def moco_loss(q, k, queue, temperature):
 
 
 @torch.no_grad()
-def all_gather(x):
-    """(B, ...) on each process -> (N, ...), every process's rows in rank order; identity on one.
-    No gradient: under no_grad common.gather_with_grad is a plain all_gather."""
-    return common.gather_with_grad(x)
-
-
-@torch.no_grad()
 def keys_with_shuffling_bn(key_encoder, x_k, perm, rank):
     """Keys k = f_k(x_k) of this process's key crops x_k (B,3,S,S) -> (B, D), L2-normalized, in
     x_k's order, encoded in a shuffled order ("shuffling BN", paper Sec. 3.3).
@@ -243,9 +236,9 @@ def keys_with_shuffling_bn(key_encoder, x_k, perm, rank):
     statistics are not its query's; the keys then go back to the processes that own their images.
     """
     B = x_k.shape[0]
-    x_all = all_gather(x_k)  # (N, 3, S, S): the key crops of the global batch
+    x_all = common.all_gather(x_k)  # (N, 3, S, S): the key crops of the global batch
     k = F.normalize(key_encoder(x_all[perm.view(-1, B)[rank]]).float(), dim=1)  # (B, D): keys of images in perm's row
-    k_all = all_gather(k)  # (N, D): row j is the key of image perm[j]
+    k_all = common.all_gather(k)  # (N, D): row j is the key of image perm[j]
     return k_all[perm.argsort().view(-1, B)[rank]]  # (B, D): the keys of this process's own images, in order
 
 
@@ -325,7 +318,7 @@ def train(cfg: Config) -> dict:
         loss.backward()
         opt.step()  # update f_q
         common.ema_update(key_encoder, raw_model, cfg.key_momentum)  # theta_k <- m theta_k + (1 - m) theta_q (Eq. 2)
-        new_keys = all_gather(torch.cat([k_q, k]) if cfg.symmetric else k)  # (V*N, D): every process's keys
+        new_keys = common.all_gather(torch.cat([k_q, k]) if cfg.symmetric else k)  # (V*N, D): every process's keys
         queue_ptr = enqueue(queue, queue_ptr, new_keys)  # enqueue them over the oldest: one queue everywhere
         z_std = q[:B].detach().std(0).mean()  # collapse monitor: ~1/sqrt(D) healthy, 0 collapsed
         pos_cos = (q[:B].detach() * k).sum(1).mean()  # mean cos(q, k+)

@@ -325,7 +325,7 @@ def train(cfg: Config) -> dict:
                     monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                    "queue": common.gather_with_grad(queue[None]),  # every process's queue: (W, 2, Q/W, D)
+                    "queue": common.all_gather(queue[None]),  # every process's queue: (W, 2, Q/W, D)
                     "config": dataclasses.asdict(cfg)}, rt)
 
     metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)
