@@ -87,7 +87,7 @@ class Config:
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
     batch_size: int = 256  # global batch, split across processes
     lr: float = 0.3  # LARS base lr per 256 images, scaled linearly with the batch (S; paper: 0.2)
-    lr_biases: float = 0.0  # base lr of biases and BN per 256 images (0: the same as lr, S; paper: 0.0048)
+    lr_biases: float = 0.0  # base lr of biases and BN per 256 images (0 means: the same as lr, S; paper: 0.0048)
     weight_decay: float = 1e-4  # on weights only, not biases and BN (S; paper: 1.5e-6; C: 1e-6)
     lars_form: str = "larc"  # common.LARS form: larc (S) | byol (C) | simclr
     lars_eta: float = 0.02  # LARS trust coefficient (S; C: 0.001)

@@ -216,7 +216,8 @@ def colour_metrics(model, data, bins, rt, temperature, size):
         pred = F.interpolate(common.annealed_mean(logits, bins, temperature), size=lab.shape[2:], mode="bilinear",
                              align_corners=False)  # (b, 2, S, S)
         err = (pred - lab[:, 1:]).norm(dim=1)  # (b, S, S)
-        within = (151 - err.ceil()).clamp(min=0) / 151  # fraction of the thresholds 0..150 that err meets
+        # err <= t holds for the thresholds t = ceil(err)..150: 151 - ceil(err) of the 151 thresholds 0..150
+        within = (151 - err.ceil()).clamp(min=0) / 151  # (b, S, S)
         pixels = torch.tensor(hit.numel(), device=rt.device)
         sums += torch.stack([hit.sum(), pixels, within.mean((1, 2)).sum()]).double()
     sums = common.all_reduce_sum(sums)  # every process's share of the test set

@@ -887,7 +887,7 @@ class PixelClassifier(nn.Module):
                                  nn.ReLU(inplace=True))
         self.classify = nn.Conv2d(width // 2, n_bins, 1)
 
-    def forward(self, x):  # the trunk without its pooling and flatten/fc: 1/8 of the side (CIFAR stem), else 1/32
+    def forward(self, x):  # the trunk without its pooling and flatten/fc; H/8: CIFAR's stem (H/32 without it)
         h = self.mix(nn.Sequential(*list(self.backbone.children())[:-2])(x))  # (B, width/2, H/8, W/8)
         h = F.interpolate(h, size=(x.shape[2] // self.stride, x.shape[3] // self.stride), mode="bilinear",
                           align_corners=False)  # (B, width/2, H/4, W/4)

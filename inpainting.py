@@ -36,7 +36,7 @@ Departures from the sources (P: the paper, arXiv v2; C: the official Torch code,
 | setting | paper | official code | this file |
 |---|---|---|---|
 | encoder | AlexNet to pool5 (P Sec. 3.1) | strided convs to a 4000-d code (C train.lua, README) | ResNet's last map |
-| encoder to decoder | channel-wise FC, then a conv (P Sec. 3.1) | none (C train.lua) | as P (a 1x1 conv) |
+| encoder to decoder | channel-wise FC, then a conv (P Sec. 3.1) | none (C train.lua) | as P (1x1), + BN, ReLU |
 | decoder | 5 up-convolutions (P Sec. 3.1) | 5 up-convs to the 64 px region (C train.lua) | 3 at 32 px, whole image |
 | image, region | - | 128 px, central 64 px (C train.lua) | 32 px, central 16 px |
 | random regions | VOC shapes, <= 1/4 (P Sec. 3.3) | noise, 20-30%, batch-wide (C train_random.lua) | 1/4, per image |
@@ -88,7 +88,7 @@ class Config:
     epochs: int = 500  # passes over the training images (official niter=500)
     max_steps: int = 0  # stop after this many steps (0 = no limit); the schedule still spans `epochs`
     batch_size: int = 64  # global batch, split across processes (official 64)
-    lr: float = 2e-4  # Adam lr of D, and of F but under the joint loss (10x then, official code); not scaled with batch
+    lr: float = 2e-4  # Adam lr of D and of F; under the joint loss F's is 10x (official code); not scaled with batch
     beta1: float = 0.5  # Adam beta1 of both optimizers (DCGAN, official code); beta2 is 0.999
     weight_decay: float = 0.0  # encoder-decoder weights only (not biases and BN); the official code uses none
     warmup_epochs: int = 0  # linear warmup, then cosine decay to 0 (the official code keeps lr constant)
@@ -159,7 +159,9 @@ def predicted_region(kind, n, size, device=None, generator=None):
 def hole_in(region, overlap):
     """The hole removed from F's input: the region shrunk by `overlap` px on every side, so that F still sees
     the band it must paint consistently (train.lua fills 56 px of its 64 px region). (B,1,S,S) -> (B,1,S,S)."""
-    return -F.max_pool2d(-region, 2 * overlap + 1, stride=1, padding=overlap) if overlap else region
+    if not overlap:
+        return region
+    return -F.max_pool2d(-region, 2 * overlap + 1, stride=1, padding=overlap)  # erosion: a min-pool, -max(-x)
 
 
 def mask_image(img, hole, fill):
@@ -276,7 +278,8 @@ def dataset_mean(data):
     if not isinstance(data.pretrain, tuple):
         return torch.tensor(common.MEAN, device=data.rt.device)
     x = data.pretrain[0]
-    return sum(c.float().sum((0, 2, 3)) for c in x.split(4096)) / (x.numel() / 3) / 255
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    return sum(c.float().sum((0, 2, 3)) for c in x.split(4096)) / pixels / 255
 
 
 def eval_hole(n, cfg, generator):

@@ -66,7 +66,7 @@ class Config:
     subset: int = 0  # train on the first N training images only (0 = all)
     image_size: int = 32  # side of the crops and of evaluated images (a multiple of 4; 96 for STL-10, 224 ImageNet)
     # model
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs): each half's
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs): each half's trunk
     # method
     grid: float = 10.0  # spacing of the ab bins (as colorization)
     l_bins: int = 50  # lightness bins over L in [0, 100], of width 100 / l_bins (paper Sec. 4.1: 50 of width 2)
