@@ -168,7 +168,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training or G == 1:
             return super().forward(x)
         xg = x.view(G, n, C, H, W).transpose(0, 1).reshape(n, G * C, H, W)  # group g -> channels g*C..(g+1)*C-1
-        mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)  # (G*C,) updated in place below
+        mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)  # (G*C,): F.batch_norm updates them, below we average
         y = F.batch_norm(xg, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
         with torch.no_grad():
             self.running_mean.copy_(mean.view(G, C).mean(0))
@@ -237,9 +237,11 @@ def keys_with_shuffling_bn(key_encoder, x_k, perm, rank):
     """
     B = x_k.shape[0]
     x_all = common.all_gather(x_k)  # (N, 3, S, S): the key crops of the global batch
-    k = F.normalize(key_encoder(x_all[perm.view(-1, B)[rank]]).float(), dim=1)  # (B, D): keys of images in perm's row
+    mine = perm[rank * B:(rank + 1) * B]  # (B,): this process's part of perm
+    k = F.normalize(key_encoder(x_all[mine]).float(), dim=1)  # (B, D): the keys of those images
     k_all = common.all_gather(k)  # (N, D): row j is the key of image perm[j]
-    return k_all[perm.argsort().view(-1, B)[rank]]  # (B, D): the keys of this process's own images, in order
+    own = perm.argsort()[rank * B:(rank + 1) * B]  # argsort inverts perm: where image i's key sits in k_all
+    return k_all[own]  # (B, D): the keys of this process's own images, in order
 
 
 @torch.no_grad()

@@ -255,7 +255,8 @@ def train(cfg: Config) -> dict:
     B, V = data.batch, 2 + cfg.n_small_crops  # this process's images per step, crops per image
     freeze_steps = cfg.freeze_prototypes_epochs * steps_per_epoch  # prototypes frozen at first (paper A.1)
     # the queue fills from step 0; its features join the codes from epoch queue_start_epoch, once it is full
-    queue_start = max(cfg.queue_start_epoch * steps_per_epoch, cfg.queue_size // cfg.batch_size)
+    steps_to_fill = cfg.queue_size // cfg.batch_size  # global queue / global batch
+    queue_start = max(cfg.queue_start_epoch * steps_per_epoch, steps_to_fill)
     common.print0(f"swav: {total_steps} steps, LARS lr {lr:.3g} (eta {cfg.lars_eta}, clip {cfg.lars_clip}), "
                   f"{cfg.n_prototypes} prototypes, {V} crops, queue {cfg.queue_size} from step "
                   f"{queue_start if cfg.queue_size else '-'}")
