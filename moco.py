@@ -168,7 +168,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training or G == 1:
             return super().forward(x)
         xg = x.view(G, n, C, H, W).transpose(0, 1).reshape(n, G * C, H, W)  # group g -> channels g*C..(g+1)*C-1
-        mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)  # (G*C,): F.batch_norm updates them, below we average
+        mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)  # (G*C,): F.batch_norm updates these
         y = F.batch_norm(xg, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
         with torch.no_grad():
             self.running_mean.copy_(mean.view(G, C).mean(0))
