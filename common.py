@@ -581,9 +581,10 @@ class LARS(torch.optim.Optimizer):
                     p.sub_(v.add_(d * ratio) * g["lr"])
 
 def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr=0.0):
-    """Linear warmup over warmup_steps to base_lr, then half a cosine down to final_lr at total_steps."""
+    """Linear warmup from 0 at step 0 to base_lr at warmup_steps (as the SimCLR, BYOL, Barlow Twins, SwAV and
+    MAE codes), then half a cosine down to final_lr at total_steps."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * step / warmup_steps
     t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_lr + (base_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * t))
 

@@ -192,7 +192,7 @@ def step_lr(step, total_steps, warmup_steps, base_lr, drops=(0.3, 0.6, 0.8), fac
     """The paper's schedule: base_lr, divided by 5 after 30%, 60% and 80% of the steps (P Sec. 3.1:
     after epochs 30, 60, 80 of 100; the official config: 60, 120, 160 of 200), after a linear warmup."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * step / warmup_steps  # from 0, as common.cosine_lr
     return base_lr * factor ** sum(step >= d * total_steps for d in drops)
 
 

@@ -215,7 +215,7 @@ def test_resnet_cifar_stem_loads_into_torchvision():
 
 def test_cosine_schedule_values():
     lr = [common.cosine_lr(s, 100, 10, 1.0) for s in range(100)]
-    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[10] == pytest.approx(1.0)
+    assert lr[0] == 0 and lr[5] == pytest.approx(0.5) and lr[9] == pytest.approx(0.9) and lr[10] == pytest.approx(1.0)
     assert lr[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lr[99] < 1e-3 and all(a >= b for a, b in zip(lr[10:], lr[11:]))
     assert common.cosine_lr(100, 100, 10, 1.0, final_lr=0.2) == pytest.approx(0.2)

@@ -98,7 +98,7 @@ def test_step_schedule_is_the_papers():
     lr = [rotnet.step_lr(epoch * spe, 100 * spe, 0, 0.1) for epoch in (0, 29, 30, 59, 60, 79, 80, 99)]
     assert lr == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
     assert rotnet.step_lr(30 * spe - 1, 100 * spe, 0, 0.1) == 0.1  # the drop comes after epoch 30, not before
-    assert [rotnet.step_lr(s, 100, 4, 0.1) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # warmup
+    assert [rotnet.step_lr(s, 100, 4, 0.1) for s in range(4)] == pytest.approx([0, 0.025, 0.05, 0.075])  # warmup
 
 
 def test_config_checks():
