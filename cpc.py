@@ -50,6 +50,7 @@ grid (512-d for ResNet-18), as P1 Sec. 3.2 mean-pools its grid. Negatives under 
 """
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -133,7 +134,7 @@ def prediction_steps(patch_size, patch_stride, pred_steps):
     exactly when k * stride >= size. (P2 App. A, 64 px patches at stride 32, ignores steps 1 and 2: the overlapping
     row and also the first clear one, which touches the context; this file starts at the first clear row.)
     """
-    first = -(-patch_size // patch_stride)  # ceil(size / stride)
+    first = math.ceil(patch_size / patch_stride)  # the smallest k with k * stride >= size
     return list(range(first, first + pred_steps))
 
 
@@ -242,12 +243,12 @@ class CPC(nn.Module):
 # loss
 
 
-def cpc_loss(preds, targets, steps, first):
+def cpc_loss(preds, targets, steps, own_start):
     """InfoNCE of CPC, averaged over every prediction of every step. float32.
 
     preds: (B, K, G, G, T), this process's B images; preds[:, s, i, j] predicts the target k = steps[s]
     rows below, in the same column. targets: (N, G, G, T), the targets of all N images that give
-    negatives (the global batch), this process's at first .. first + B - 1. Each prediction whose row
+    negatives (the global batch), this process's at own_start .. own_start + B - 1. Each prediction whose row
     i + k exists is scored by dot product against all N*G*G targets; the one at (i + k, j) of its own
     image is the positive. Returns the mean cross-entropy and the top-1 accuracy of picking the
     positive (chance: 1 / (N*G*G)).
@@ -258,7 +259,7 @@ def cpc_loss(preds, targets, steps, first):
     p, positive = [], []
     for s, k in enumerate(steps):  # the context at row i faces the target at row i + k: rows 0..G-k-1 vs k..G-1
         p.append(preds[:, s, :G - k].reshape(-1, T))  # (B*(G-k)*G, T)
-        positive.append(position[first:first + B, k:].reshape(-1))  # (B*(G-k)*G,): where its target sits
+        positive.append(position[own_start:own_start + B, k:].reshape(-1))  # (B*(G-k)*G,): where its target sits
     p, positive = torch.cat(p).float(), torch.cat(positive)  # (M, T), (M,)
     logits = p @ candidates.T  # (M, N*G*G)
     return F.cross_entropy(logits, positive), (logits.argmax(1) == positive).float().mean()

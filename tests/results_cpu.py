@@ -32,7 +32,7 @@ from test_learning import CIFAR10  # noqa: E402
 
 PROBE_EPOCHS = 30
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_cpu.md")
-HEADER = ("| method | epochs | steps | kNN top-1: init -> trained | probe top-1 | images/s | wall time | "
+HEADER = ("| method | epochs | steps | kNN top-1: init -> trained | probe top-1 | images/s | wall time | run on | "
           "command (from the project root) |")
 
 
@@ -78,6 +78,7 @@ def main():
         knn = f"{init['knn_top1']:.2%} -> {results['knn_top1']:.2%}"
         rows[name] = (f"| {name} | {epochs} | {results['steps']} | {knn} | "
                       f"{results['probe_top1']:.2%} | {results['images_per_second']:.0f} | {seconds / 60:.1f} min | "
+                      f"{time.strftime('%Y-%m-%d')} | "
                       f"`{cmd}` |")
         write(rows, epochs, subset)
 
@@ -103,7 +104,7 @@ def parse_rows(path=OUT):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             knn_init, knn = (float(v.rstrip("%")) / 100 for v in cells[3].split(" -> "))
             out.append(dict(method=cells[0], knn_init=knn_init, knn=knn, probe=float(cells[4].rstrip("%")) / 100,
-                            minutes=float(cells[6].split()[0]), command=cells[7].strip("`")))
+                            minutes=float(cells[6].split()[0]), command=cells[8].strip("`")))
     return out
 
 
@@ -111,7 +112,7 @@ def write(rows, epochs, subset):
     with open(OUT, "w") as f:
         f.write(f"""# CPU results on CIFAR-10 (JPEG q75 copy)
 
-Written by `{script_command(epochs, subset)}` on {time.strftime('%Y-%m-%d')}:
+Written by `{script_command(epochs, subset)}` (or a rerun of some rows: each row says when it ran) on
 {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, no GPU. Every run trains the `tiny`
 trunk (4 convolutions, 128-d features) on the first {subset or 50_000:,} training images with its learning test's
 settings (tests/test_learning.py), fixed seed; the command in each row lists every setting that differs from
@@ -124,7 +125,7 @@ runs of a toy trunk, far from the recipes' 100-1000 ResNet-18 epochs: they show 
 what it reaches, and are not comparable with published numbers.
 
 {HEADER}
-|---|---|---|---|---|---|---|---|
+|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows[m] for m in METHODS if m in rows) + "\n")
     print(f"wrote {OUT}")
 

@@ -119,7 +119,7 @@ def test_predictions_and_targets_meet_in_the_projected_space():
 
 def test_cpc_loss_equals_cross_entropy_with_the_positive_index():
     torch.manual_seed(0)
-    B, G, T, N, first, steps = 2, 4, 4, 3, 1, [2, 3]  # this process holds images 1 and 2 of 3
+    B, G, T, N, own_start, steps = 2, 4, 4, 3, 1, [2, 3]  # this process holds images 1 and 2 of 3
     preds, targets = torch.randn(B, len(steps), G, G, T), torch.randn(N, G, G, T)
     candidates = targets.reshape(-1, T)  # (N*G*G, T): target of (n, i, j) at row (n*G + i)*G + j
     losses, hits = [], []
@@ -128,11 +128,11 @@ def test_cpc_loss_equals_cross_entropy_with_the_positive_index():
             for i in range(G - k):
                 for j in range(G):
                     logits = candidates @ preds[b, s, i, j]  # (N*G*G,) every patch of every image
-                    positive = ((first + b) * G + i + k) * G + j  # k rows below, same column, same image
+                    positive = ((own_start + b) * G + i + k) * G + j  # k rows below, same column, same image
                     losses.append(F.cross_entropy(logits[None], torch.tensor([positive])))
                     hits.append(float(logits.argmax() == positive))
     assert len(losses) == B * G * (2 + 1)  # k = 2: rows 0, 1; k = 3: row 0
-    loss, acc = cpc.cpc_loss(preds, targets, steps, first)
+    loss, acc = cpc.cpc_loss(preds, targets, steps, own_start)
     torch.testing.assert_close(loss, torch.stack(losses).mean())
     assert acc.item() == pytest.approx(sum(hits) / len(hits))
 
