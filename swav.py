@@ -275,8 +275,8 @@ def train(cfg: Config) -> dict:
     if state := common.load_checkpoint(cfg, rt):
         raw_model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        # the checkpoint holds every process's queue (W, 2, Q/W, D): take this process's share
-        queue.copy_(state["queue"].transpose(0, 1).flatten(1, 2).tensor_split(rt.world_size, 1)[rt.rank])
+        # the checkpoint holds the global queue, (Q, 2, D) in rank order: take this process's share
+        queue.copy_(state["queue"].tensor_split(rt.world_size)[rt.rank].transpose(0, 1))
         start_step = state["step"]
 
     def features(x):  # the representation h = f(x) of un-augmented uint8 images
@@ -326,7 +326,7 @@ def train(cfg: Config) -> dict:
                     monitor(step + 1, epoch)
                 common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
                     "model": raw_model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                    "queue": common.all_gather(queue[None]),  # every process's queue: (W, 2, Q/W, D)
+                    "queue": common.all_gather(queue.transpose(0, 1)),  # the global queue: (Q, 2, D)
                     "config": dataclasses.asdict(cfg)}, rt)
 
     metrics = common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs)

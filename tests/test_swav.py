@@ -143,9 +143,9 @@ def test_queue_holds_the_last_features_and_joins_the_codes_once_full(tmp_path, m
     swav.train(cfg)
     B, D = cfg.batch_size, cfg.proj_dim
     queue = load_ckpt(cfg)["queue"]
-    assert queue.shape == (1, 2, 64, D)  # (processes, global crops, queue_size, proj_dim)
+    assert queue.shape == (64, 2, D)  # (queue_size, global crops, proj_dim)
     newest, previous = calls[-1][0][:2 * B].view(2, B, D), calls[-2][0][:2 * B].view(2, B, D)
-    torch.testing.assert_close(queue[0], torch.cat([newest, previous], 1), atol=0, rtol=0)
+    torch.testing.assert_close(queue.transpose(0, 1), torch.cat([newest, previous], 1), atol=0, rtol=0)
     assert rows == [B, B, B, B, B + 64, B + 64, B + 64, B + 64]  # 2 codes a step; full after step 2
 
 
