@@ -147,7 +147,7 @@ def setup(cfg):
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
         _owned_group.append(dist.group.WORLD)  # cleanup() destroys it; a group the caller made stays
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.bfloat16 if cuda else torch.float32}
-    compile_on = cfg.compile.lower() == "true" or (cfg.compile == "auto" and cuda)
+    compile_on = cfg.compile.lower() == "true" or (cfg.compile.lower() == "auto" and cuda)
     rt = Runtime(rank, world, device, dtype[cfg.dtype], compile_on)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     if rt.is_main:
@@ -188,7 +188,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # all_reduce writes in place: autograd may share grad with other branches
         dist.all_reduce(grad)  # every process's loss depends on this slice: sum their gradients
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
@@ -425,9 +425,10 @@ def _per_image(x, p):
     return torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
 
 def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """Crop a random area fraction `scale` and aspect `ratio` of each image, resized to size x size.
+    """Crop a random area fraction `scale` and aspect `ratio` of each square image, resized to size x size.
     Torchvision's rule, vectorized: of `tries` (area, aspect) draws per image the first that fits,
-    else the whole image; bilinear sampling of an affine grid."""
+    else the whole image (torchvision's fallback for a square); bilinear sampling of an affine grid,
+    without torchvision's antialiasing (which matters only where a crop is shrunk)."""
     B, dev = x.shape[0], x.device
     area = torch.empty(B, tries, device=dev).uniform_(*scale)
     aspect = torch.empty(B, tries, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
@@ -463,10 +464,10 @@ def _adjust_hue(x, shift):
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0, masked=None):
     """torchvision's ColorJitter for each image: with probability p, the four adjustments, each with a
-    factor of its own, in a random order of its own (SimCLR's and BYOL's TF code differ: an additive
-    brightness, a contrast around each channel's mean; their files' tables say so). x in [0,1].
-    In batch: at each of the four places of the order, each adjustment goes to the images that have it
-    there. masked (default on CUDA): adjust the whole batch and keep it where due, with no host sync;
+    factor of its own, in a random order of its own (SimCLR's v1 and BYOL's TF code differ: an additive
+    brightness, a contrast around each channel's mean, a saturation scaled in HSV; their files' tables say
+    so). x in [0,1]. In batch: at each of the four places of the order, each adjustment goes to the images
+    that have it there. masked (default on CUDA): adjust the whole batch and keep it where due, with no host sync;
     else (the CPU) pick those images out, adjust them and put them back: 4x less work."""
     B, dev = x.shape[0], x.device
     draw = lambda low, high: torch.empty(B, 1, 1, 1, device=dev).uniform_(low, high)  # noqa: E731
@@ -550,7 +551,7 @@ def param_groups(model, weight_decay):
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rates (You et al. 2017): each layer's step is scaled
-    by its trust ratio; groups marked lars_exclude (biases, BN) get neither the ratio nor weight decay.
+    by its trust ratio, except in groups marked lars_exclude (param_groups' "biases", also not decayed).
     With d = g + wd * w, the official codes followed here come in three forms:
       "simclr" (SimCLR, lars_optimizer.py): trust = eta ||w|| / ||d||; v <- m v + lr trust d; w <- w - v
       "byol"   (BYOL, optimizers.py; Barlow Twins, main.py): the same trust; v <- m v + trust d; w <- w - lr v
@@ -679,11 +680,15 @@ def linear_eval(features, data, rt, epochs=100, batch_size=256, lr=0.1, seed=0):
     test_x, test_y = extract_features(features, data, "test", rt)
     split = "pretrain" if data.name == "folder" else "train"  # a folder: crops of its larger (8/7) decode
     side = data.test[0].shape[-1] if isinstance(data.test, tuple) else data.test.size
-    W, B = rt.world_size, min(batch_size, len(data.labels(split)) // rt.world_size * rt.world_size)
+    W, B = rt.world_size, min(batch_size, len(data.labels(split))) // rt.world_size * rt.world_size  # W | B
     torch.manual_seed(seed * 1_000_003 + rt.rank)
     clf = nn.Sequential(nn.BatchNorm1d(test_x.shape[1], affine=False), nn.Linear(test_x.shape[1], len(data.classes)))
     nn.init.normal_(clf[1].weight, std=0.01), nn.init.zeros_(clf[1].bias)  # as MoCo's and SimSiam's main_lincls
-    opt = torch.optim.SGD(clf.to(rt.device).parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    clf.to(rt.device)
+    if _distributed():  # every process starts from process 0's classifier (their seeds differ: their crops do)
+        for p in clf.parameters():
+            dist.broadcast(p.data, 0)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     steps, k = len(data.labels(split)) // B, max(1, 2048 // B)  # k classifier steps per pass through the backbone
     progress = Progress("eval: linear, training crops", epochs * steps * B)
     for epoch in range(epochs):
@@ -728,22 +733,25 @@ def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
 class Logger:
     """A progress line and a log.jsonl record after the first step, then every log_every steps, at
     each epoch's end and at least every PROGRESS_SECONDS, with images/s and ETA; stops the run on a
-    NaN/inf loss. Metrics stay on the device between log steps (no host sync)."""
+    NaN/inf loss. Metrics stay on the device between log steps (no host sync). The steps where every
+    process checks for NaN together are counted, never timed: clocks differ between processes."""
+    NEVER = 2**62  # first_bad while every loss has been finite
 
     def __init__(self, cfg, rt, steps_per_epoch, start_step, stop_step):
         self.cfg, self.rt, self.spe, self.stop, self.start = cfg, rt, steps_per_epoch, stop_step, start_step
-        self.first_bad = torch.tensor(-1, device=rt.device)  # first step whose loss was not finite
+        self.first_bad = torch.tensor(self.NEVER, device=rt.device)  # first step whose loss was not finite
         self.t_last, self.step_last, self.train_seconds = time.time(), start_step, 0.0  # time in training steps
 
     def step(self, step, **metrics):
         """Call once per step with the loss (a device tensor) and other metrics (tensors or floats)."""
-        bad = ~torch.isfinite(metrics["loss"].detach()) & (self.first_bad < 0)
+        bad = ~torch.isfinite(metrics["loss"].detach()) & (self.first_bad == self.NEVER)
         self.first_bad = torch.where(bad, step, self.first_bad)
         now, done, first = time.time(), step + 1, step == self.start
-        if not (first or done % self.cfg.log_every == 0 or done % self.spe == 0 or done == self.stop
-                or now - self.t_last >= PROGRESS_SECONDS):
+        counted = first or done % self.cfg.log_every == 0 or done % self.spe == 0 or done == self.stop
+        if not (counted or (self.rt.is_main and now - self.t_last >= PROGRESS_SECONDS)):
             return
-        self.check()
+        if counted:  # the same steps on every process: they meet in check()'s all_reduce
+            self.check()
         dt, ds = now - self.t_last, done - self.step_last
         self.t_last, self.step_last, self.train_seconds = now, done, self.train_seconds + dt
         eta_s = round((self.stop - done) * dt / max(ds, 1))
@@ -772,8 +780,8 @@ class Logger:
         """Raise RunError if any process has seen a NaN/inf loss (all processes stop together)."""
         bad = self.first_bad.clone()
         if _distributed():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)  # the earliest over processes
+        if bad.item() != self.NEVER:
             raise RunError(f"loss is NaN or infinite at step {bad.item() + 1}; stopped. The last good checkpoint is "
                            f"{self.cfg.out_dir}/ckpt.pt (if one was written): lower --lr or check the data.")
 

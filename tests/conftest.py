@@ -41,7 +41,8 @@ def torchrun(args, nproc=2, timeout=900, cwd=ROOT):
 
 # the cross-process checks of the quick loop, one torchrun launch for all (tests/dist_all.py); each test reads its own
 DIST_SCRIPTS = ["dist_simclr_step.py", "dist_moco_queue.py:{tmp}", "dist_swav_sinkhorn.py", "dist_barlow_step.py",
-                "dist_barlow_official.py", "dist_cpc_step.py", "dist_clip_step.py", "dist_inpainting_step.py"]
+                "dist_barlow_official.py", "dist_cpc_step.py", "dist_clip_step.py", "dist_inpainting_step.py",
+                "dist_common.py"]
 
 
 @pytest.fixture(scope="session")

@@ -401,6 +401,15 @@ def test_gather_and_reduce_are_identity_on_one_process():
     assert common.gather_with_grad(x) is x and common.all_reduce_sum(x) is x
 
 
+def test_logger_gather_and_linear_eval_across_two_processes(dist_scripts):
+    """tests/dist_common.py: a clock-only progress line holds no collective and a NaN stops both processes at
+    the same step, naming the earliest; gather_with_grad's backward leaves a shared gradient alone; linear_eval
+    trains the same classifier on both processes."""
+    out = dist_scripts("dist_common.py")
+    assert out.count("stopped after step 15") == 2 and out.count("shared gradient untouched") == 2, out
+    assert out.count("the same on both") == 2, out
+
+
 def test_config_and_source_copied_to_out_dir(tmp_path):
     cfg = tiny(simclr.Config, tmp_path)
     common.setup(cfg)
