@@ -172,8 +172,9 @@ def detokenize(tokens):
 
 
 def prompt_tokens(classes, context_length):
-    """(T, C, L) tokens of every template filled with every class name; error if one does not fit."""
-    texts = [t.format(c) for t in TEMPLATES for c in classes]
+    """(T, C, L) tokens of every template filled with every class name (as written, but "_" read as a space:
+    CIFAR-100's "aquarium_fish"; a folder's class names should be words); error if one does not fit."""
+    texts = [t.format(c.replace("_", " ")) for t in TEMPLATES for c in classes]
     if too_long := [t for t in texts if len(t.encode("utf-8")) + 2 > context_length]:
         raise common.RunError(f"--context_length={context_length} is too short for the prompt {too_long[0]!r}")
     return tokenize(texts, context_length).view(len(TEMPLATES), len(classes), context_length)

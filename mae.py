@@ -38,6 +38,7 @@ Departures from the sources (P: the paper, arXiv v3; C: facebookresearch/mae; I:
 | augmentation | resized crop (P Tab. 8) | area 0.2-1, bicubic; flip (C main_pretrain.py) | as C, bilinear (I: none) |
 | epochs, warmup | 800 to 1600, 40 (P Sec. 4, Tab. 8) | 800, 40 (C PRETRAIN.md) | 2000, 200 (as I) |
 | lr schedule | cosine after warmup (P Tab. 8) | as P, per step (C util/lr_sched.py) | as C (I: per epoch) |
+| input, precision | - | ImageNet mean, std; float16 autocast, loss scaler (C) | as C, but bfloat16 (I: 0.5, 0.5) |
 | weight decay 0.05 on | - | all but 1-D params and biases: tokens too (C main_pretrain.py) | as C (I: all) |
 | evaluated feature | cls token; avg pooling as good (P App. A.1) | cls token, normed (C main_linprobe.py) | as C |
 | linear probe | BN w/o affine, LARS 0.1, batch 16384, 90 ep. (P A.2) | as P (C FINETUNE.md) | BN, SGD, 256, 100 ep. |
@@ -99,7 +100,7 @@ class Config:
         if self.patch_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"--patch_size={self.patch_size} must divide --image_size={self.image_size}")
         L = (self.image_size // self.patch_size) ** 2
-        if not 0 < self.mask_ratio < 1 or not 0 < round(L * self.mask_ratio) < L:
+        if not 0 < self.mask_ratio < 1 or not 0 < int(L * (1 - self.mask_ratio)) < L:
             raise ValueError(f"--mask_ratio={self.mask_ratio} must be in (0, 1) and remove some but not all "
                              f"of the {L} patches")
         if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads or self.decoder_depth < 1:
@@ -137,15 +138,15 @@ def unpatchify(x, p):
 
 
 def random_masking(x, mask_ratio):
-    """Remove round(L * mask_ratio) tokens of each sample, chosen uniformly at random (paper Sec. 3).
+    """Keep int(L * (1 - mask_ratio)) tokens of each sample, chosen uniformly at random (paper Sec. 3).
 
     x: (B, L, D). The tokens kept are the first of a random permutation (argsort of uniform noise),
-    so each sample gets its own subset. Python's round, halves to even: L=64, 0.75 -> 48 removed.
+    so each sample gets its own subset. The count rounds down, as the official code: L=64, 0.75 -> 16 kept.
     Returns x_visible (B, L_keep, D), mask (B, L) with 1 = removed, 0 = kept, in the original
     order, and ids_restore (B, L), the permutation that puts the shuffled sequence back in order.
     """
     B, L, D = x.shape
-    n_keep = L - round(L * mask_ratio)
+    n_keep = int(L * (1 - mask_ratio))
     noise = torch.rand(B, L, device=x.device)
     ids_shuffle = noise.argsort(1)  # (B, L): kept tokens first
     ids_restore = ids_shuffle.argsort(1)  # (B, L)
@@ -370,7 +371,8 @@ def train(cfg: Config) -> dict:
     metrics = {**common.evaluate(raw_model, features, data, rt, cfg.probe_epochs, cfg.linear_epochs),
                **test_loss(raw_model, data, cfg, rt)}
     reconstructions("reconstruction_final.png")
-    if rt.is_main:  # the encoder alone (patch embedding, cls token, blocks, norm): the decoder is discarded
+    if rt.is_main:  # the encoder alone (patch embedding, cls token, blocks, norm): the decoder is discarded;
+        # the fixed position embeddings are not saved: sincos_pos_embed(dim, image_size // patch_size) rebuilds them
         encoder = {k: v for k, v in raw_model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
         torch.save(encoder, os.path.join(cfg.out_dir, "encoder.pt"))
     results = {"method": "mae", "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "steps": stop_step,

@@ -23,7 +23,7 @@ After training, h = f(x) is the representation.
 
 The paper has no CIFAR recipe; the defaults are solo-learn's CIFAR-10 SwAV (S below: scripts/pretrain/
 cifar/swav.yaml, augmentations/symmetric.yaml, solo/methods/swav.py, solo/utils/lars.py), for which
-solo-learn reports 89.17% top-1 of its online linear classifier. tau 0.1, 3000 prototypes of 128-d,
+solo-learn reports 89.17% top-1 (its README does not say: online or offline linear). tau 0.1, 3000 prototypes of 128-d,
 epsilon 0.05, 3 Sinkhorn iterations, a queue of 3840 and weight decay 1e-6 are the paper's, the
 official code's and S's alike (the head's hidden width, 2048, is C's and S's). No small crops at 32 px
 (S: none; a 5-14% crop of 32 px is 7-12 px a side); the paper's are `--crop_min=0.14 --n_small_crops=6`
@@ -195,7 +195,9 @@ class SwAV(nn.Module):
         # one backbone pass per resolution, as the official code; BN statistics per resolution
         h = self.backbone(x_big) if x_small is None else torch.cat([self.backbone(x_big), self.backbone(x_small)])
         z = F.normalize(self.projector(h), dim=1)  # (V*B, proj_dim) on the unit sphere
-        return z, self.prototypes(z)  # scores (V*B, K): cosines c_k . z
+        with torch.autocast(z.device.type, enabled=False):  # float32: Sinkhorn takes exp(scores / 0.05)
+            scores = self.prototypes(z.float())  # (V*B, K): cosines c_k . z
+        return z, scores
 
 
 # -------------------------------------------------------------------------------------------------

@@ -58,6 +58,12 @@ def test_prompts_refuse_a_context_too_short_for_the_class_names():
         clip.prompt_tokens(["striped triangle"], 20)
 
 
+def test_prompts_read_an_underscore_in_a_class_name_as_a_space():
+    """CIFAR-100's names come from torchvision with underscores: "aquarium_fish" is captioned "aquarium fish"."""
+    prompts = clip.prompt_tokens(["aquarium_fish"], 77)
+    assert clip.detokenize(prompts[0, :1]) == [clip.TEMPLATES[0].format("aquarium fish")]
+
+
 # ------------------------------------------------------------------------------------------- loss
 
 

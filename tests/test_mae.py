@@ -42,10 +42,10 @@ def test_patchify_order_and_unpatchify_inverse():
 
 
 @pytest.mark.parametrize("L, ratio, removed",
-                         [(64, 0.75, 48), (49, 0.75, 37), (10, 0.35, 4), (10, 0.45, 4), (16, 0.5, 8)])
-def test_random_masking_removes_round_L_ratio_per_sample(L, ratio, removed):
-    """Python's round, halves to even: round(3.5) = 4, round(4.5) = 4, round(36.75) = 37."""
-    assert removed == round(L * ratio)
+                         [(64, 0.75, 48), (49, 0.75, 37), (10, 0.35, 4), (10, 0.45, 5), (16, 0.5, 8), (64, 0.6, 39)])
+def test_random_masking_keeps_int_L_times_1_minus_ratio_per_sample(L, ratio, removed):
+    """The official count, rounded down: int(64 * 0.4) = 25 kept (round(64 * 0.6) would remove 38), int(5.5) = 5."""
+    assert L - removed == int(L * (1 - ratio))
     torch.manual_seed(0)
     x = torch.randn(16, L, 5)
     visible, mask, ids_restore = mae.random_masking(x, ratio)
@@ -143,7 +143,7 @@ def test_mae_loss_hand_computed():
 
 
 def test_config_rejects_impossible_values(tmp_path):
-    for bad in (dict(mask_ratio=1.0), dict(mask_ratio=0.0), dict(mask_ratio=0.001), dict(patch_size=5),
+    for bad in (dict(mask_ratio=1.0), dict(mask_ratio=0.0), dict(mask_ratio=0.999), dict(patch_size=5),
                 dict(decoder_dim=30), dict(arch="resnet18")):
         with pytest.raises(ValueError, match="--" + list(bad)[0]):
             tiny(mae.Config, tmp_path, **bad)
