@@ -19,7 +19,7 @@ the representation.
 
 The paper has no CIFAR recipe; the defaults are solo-learn's CIFAR-10 Barlow Twins (S below:
 scripts/pretrain/cifar/barlow.yaml, augmentations/asymmetric.yaml, solo/utils/lars.py), for which
-solo-learn reports 92.10% top-1 of its online linear classifier. The official main.py sums C over
+solo-learn reports 92.10% top-1 (its README does not say: online or offline linear). The official main.py sums C over
 its W GPUs with an all_reduce that autograd does not see; after DDP's mean its step follows 1/W of
 the global loss's gradient. This file takes the true gradient at any W; the official W-GPU run is
 `--lars_form=byol --lars_eta=0.001 --lars_clip=false --lr=0.2 --lr_biases=0.0048 --weight_decay=1e-6
@@ -239,7 +239,7 @@ def train(cfg: Config) -> dict:
         loss.backward()
         opt.step()
         z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()  # collapse monitor: ~1/sqrt(D), 0 collapsed
-        log.step(step, loss=loss, lr=lr_now, z_std=z_std)
+        log.step(step, loss=loss, lr=lr_now, z_std=z_std)  # the loss as minimized: times loss_scale (0.1)
 
         if (step + 1) % steps_per_epoch == 0 or step + 1 == stop_step:  # end of an epoch, or of the run
             with log.paused():

@@ -32,7 +32,7 @@ S: solo-learn's CIFAR-10 recipe, which the defaults follow unless the last colum
 
 | setting | paper | official code | this file |
 |---|---|---|---|
-| data, trunk | ImageNet, ResNet-50 (P Sec. 3.3) | as P (C configs/byol.py) | CIFAR-10, ResNet-18, CIFAR stem (S) |
+| data, trunk | ImageNet, ResNet-50 (P Sec. 3.3) | as P (C configs) | CIFAR-10, ResNet-18, CIFAR stem (S pads 2 px) |
 | batch, epochs | 4096, 1000 (P Sec. 3.3) | as P (C main_loop.py) | 256, 1000 (S) |
 | LARS form | biases, BN not adapted (P Sec. 3.3) | "byol": trust on g + wd w (C optimizers.py) | "larc" (S lars.py) |
 | LARS eta, cap | - | 0.001, none (C configs/byol.py) | 0.02, the rate capped at lr (S) |
@@ -41,10 +41,12 @@ S: solo-learn's CIFAR-10 recipe, which the defaults follow unless the last colum
 | tau_base | 0.996 (P Sec. 3.3) | as P | 0.99 (S) |
 | blur | p 1.0 / 0.1, 23 px at 224 (P App. B) | kernel side / 10 (C augmentations.py) | off (S); --blur: as P, C |
 | colour jitter | offsets, in random order (P App. B) | + delta brightness, per-channel contrast | torchvision's (S) |
+| saturation | - | scaled in HSV (C augmentations.py) | blended with gray (torchvision's, S) |
 | crop resize | bicubic (P App. B) | as P (C utils/dataset.py) | bilinear (S: bicubic) |
 | input | ImageNet mean and std (P App. B) | as P (C utils/dataset.py) | as P (S: CIFAR-10's) |
+| MLP output layer | - | no bias (C networks.py) | a bias (S) |
 | target init | - | its own random init (C byol_experiment.py) | a copy of the online net (S) |
-| evaluation | linear on frozen y (P App. C.1) | online classifier on sg(y) (C) | the three on h (above) |
+| evaluation | linear on frozen y (P App. C.1) | online on sg(y); offline linear (C) | the three on h (above) |
 """
 
 import copy

@@ -12,8 +12,9 @@ all patches of the batch (other positions of the same image, other images). As i
 in a narrow space: the target is T z[i+k, j] (T a linear map to 64 dims), the prediction 0.1 W_k c[i, j].
 The first step is the nearest row that shares no pixel with rows <= i: a patch that overlaps what the
 context saw could be predicted from the pixels they share, a shortcut that needs no understanding of
-the image. After training, the context network, T and the W_k are thrown away; the patch encoder is
-the representation.
+the image. That row borders the context's last one, and a crop upsampled by up to 2.1x makes the two share
+interpolated source pixels: P2 skips that row as well; C and this file do not. After training, the
+context network, T and the W_k are thrown away; the patch encoder is the representation.
 
     python cpc.py                                                # 1 GPU: CIFAR-10, 7 x 7 grid of 8 px patches
     torchrun --standalone --nproc_per_node=8 cpc.py              # 8 GPUs, same global batch of 256
@@ -41,7 +42,7 @@ grid (512-d for ResNet-18), as P1 Sec. 3.2 mean-pools its grid. Negatives under 
 | trunk | ResNet-v2-101 (P1); ResNet-161, layer norm (P2) | as P2 (C networks.py) | ResNet-18, GroupNorm(1, c) |
 | image aug. | crop of 300 px, flip, gray (P1 3.2) | flip, shift 4, jitter, gray (C transforms) | crop (0.3, 1), flip |
 | patch aug. | 60 px subcrop (P1 3.2); colour drop, flip (P2) | none (C transforms) | colour drop, flip |
-| optimizer | Adam (P1 3.2) | Adam (0.8, 0.999), eps 1e-7, L2 1e-5 (C cpc_module.py) | AdamW, wd 1e-5 |
+| optimizer | Adam (P1 3.2) | Adam (0.8, 0.999), eps 1e-7, L2 1e-5 (C cpc_module.py) | AdamW, wd 1e-5 (in effect none) |
 | lr, batch | 2e-4 at 512 (P1 3.2) | 1e-4 (class), 1e-5 at 128 (CLI), 4e-5 at 64 (docs) | 2e-4 per 256, linear rule |
 | schedule | - | constant (C: MultiStepLR commented out) | warmup 10, cosine to 0 |
 | epochs | - | 1000 (C docs, for its 84.5% from YADIM) | 300 |

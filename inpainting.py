@@ -45,9 +45,9 @@ Departures from the sources (P: the paper, arXiv v2; C: the official Torch code,
 | L2, center | hole; 7 px band 10x (P Sec. 3.2, 4) | 64 px patch; 4 px band 10x (C train.lua) | as C (--overlap=1) |
 | L2, regions | the dropped region (P Sec. 3.2) | whole image, weight 1 (C train_random.lua, README) | as P: hole only |
 | loss | L2 alone for features (P Sec. 5.2) | 0.999 L2 + 0.001 adversarial (C README) | as P; as C: a flag |
-| lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C (L2 alone: F 2e-4) |
+| lr | F's 10x D's (P Sec. 4) | Adam 2e-4, F 10x if 0 < adv weight < 1 (C train.lua) | as C, not scaled by batch |
 | D's input | not the context (P Sec. 3.2) | region; whole image (C train_random.lua) | image times region |
-| F's adversarial grad | - | through D's forward before its step (C train.lua) | through the updated D |
+| F's adversarial grad | - | D's output before its step, through its updated weights (C) | through the updated D |
 | fill colour | constant mean value (P Sec. 4) | (117, 104, 123) / 255 (C train.lua) | training set's mean |
 | crop, input | - | 128 px of 350 px, flip, [-1, 1] (C donkey_folder.lua) | 50-100% area, flip, standardized |
 | schedule, init | - | constant lr, 500 epochs; N(0, 0.02) (C README, train.lua) | cosine to 0; PyTorch's init |

@@ -8,7 +8,8 @@ set, and a network must say which permutation it was. The tiles pass one by one 
 concatenated tile features can. To solve the puzzle, the encoder must therefore describe what each
 tile shows (an eye, a wheel, the top of a roof) well enough that the classifier can place it: it
 learns object parts. Shortcuts are removed as in the paper (Table 5): each tile is a random crop
-smaller than its cell, so edges and textures do not continue from tile to tile; every tile is
+smaller than its cell, so edges and textures rarely continue from tile to tile (18 px in 21 px cells:
+neighbours are 0-6 px apart, at most 1 px in 3 pairs of 16; the paper's 64 in 75: 3 of 144); every tile is
 standardized on its own, so brightness and contrast do not tell neighbours apart; and against
 chromatic aberration some puzzles are made in grayscale and the colour channels of the others are
 shifted a little against each other. The permutation set is chosen greedily for maximal Hamming
@@ -37,7 +38,7 @@ JigsawPuzzlePytorch):
 | tile encoder | AlexNet, conv1 stride 2, no BN (P Sec. 3) | as P (C train_val_cfn_jps) | ResNet-18, CIFAR stem |
 | head | fc6 512 per tile, fc7 4096 (P Sec. 3) | fc6 1024, fc7 4096, dropout (C, B) | 512, 1024, BN |
 | image | 256 px, random 225 crop (P 3); centre 255 (P Tab. 5) | centre 255, no flip (C, B) | >= 60% area to 64, flip |
-| cell / tile | 75 / 64 px (P Sec. 3); 85 / 64 (P Tab. 5) | 85 / 64 (C jitter_size 21; B) | 21 / 18 (64/75 scaled) |
+| cell / tile | 75 / 64 px (P 3); 85 / 64 (P Tab. 5) | 85 / 64 (C jitter 21); 86 / 64 -> 75 (B) | 21 / 18 (as 64/75) |
 | tile norm. | mean and std of each tile (P Tab. 5) | mean per channel (C); and std (B) | mean, std per channel |
 | grayscale | 30% of the images (P Tab. 5) | none (C); 30% (B JigsawImageLoader) | 30% |
 | channel shift | 0, 1 or 2 px, colour images (P Tab. 5) | none (C); B adds -2..1 to values | <= 1 px, colour images |

@@ -56,7 +56,7 @@ moco/builder.py for ImageNet, D: its CIFAR-10 demo notebook):
 | loss | asymmetric (P v1 Alg. 1) | D --symmetric: loss_12 + loss_21, a sum | as P; --symmetric as D |
 | key BN | shuffled across 8 GPUs (P v1 Sec. 3.3) | C: rank 0's randperm, broadcast; D: 8 groups | a shared generator |
 | BN groups | - | D: images i, i + 8, i + 16, ... | contiguous; each crop its own |
-| f_k update | after f_q's step (P v1 Alg. 1) | C: in the next forward, before the keys | as P (the same f_k per key) |
+| f_k update | after f_q's step (P v1 Alg. 1) | C: in the next forward, before the keys | as P (same f_k: equivalent) |
 | evaluation | linear, frozen pool5 (P v1 Sec. 4.1) | D: kNN on the 128-d head output | the three on h (above) |
 """
 

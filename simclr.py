@@ -30,11 +30,13 @@ Departures from the sources (P: the paper, arXiv v3; C: the official v1 code):
 | loss | mean over the 2N anchors (P Alg. 1) | loss_a + loss_b: twice that (C objective.py) | as C |
 | LARS momentum | - | the lr inside the buffer (C lars_optimizer.py) | as C (common.LARS form "simclr") |
 | residual blocks | - | last BN's scale starts at 0 (C resnet.py, init_zero=True) | as C |
+| head init | - | weights N(0, 0.01) (C model_util.py linear_layer) | PyTorch's (a BN follows each layer) |
 | crop | area ~ U(0.08, 1), aspect 3/4-4/3 (P App. A) | aspect, height ~ U; area >= 0.1 (C data_util.py) | as P |
 | crop tries, resize | - | 100, then the whole image; bicubic, whole pixels (C) | 10; bilinear, sub-pixel box |
 | blur | side / 10, sigma 0.1-2, p 0.5 (P App. A); CIFAR: none (B.9) | as P, zero padding (C) | --blur: reflect pad |
 | brightness jitter | + delta, tf.image (P App. A) | + delta (C data_util.py) | x factor, torchvision's |
 | contrast jitter | around each channel's mean (P App. A) | as P (C data_util.py) | around the gray mean (torchvision) |
+| saturation jitter | tf.image: scaled in HSV (P App. A) | as P (C data_util.py) | blended with gray (torchvision) |
 | input | pixels in [0, 1] | pixels in [0, 1] (C data_util.py) | standardized, ImageNet mean and std |
 | linear evaluation | on frozen h (P Sec. 3) | SGD 0.1, 100 epochs, batch 512, crops, flips (C README) | linear_eval |
 """
