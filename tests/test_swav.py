@@ -99,6 +99,17 @@ def test_swav_loss_hand_computed():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_prototype_scores_stay_float32_under_bfloat16_autocast():
+    """Sinkhorn takes exp(scores / 0.05): a bfloat16 score (8 bits of mantissa) would move the codes by percents."""
+    torch.manual_seed(0)
+    model = swav.SwAV("tiny", True, 32, 16, 10)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, scores = model(x)
+    assert z.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, z.float() @ model.prototypes.weight.T, atol=0, rtol=0)
+
+
 def test_swav_loss_swaps_the_predictions():
     """A crop never predicts its own code: changing crop 0's scores leaves the term of code 0 unchanged."""
     torch.manual_seed(0)
