@@ -31,13 +31,13 @@ error (thresholds 0 to 150, P Sec. 3.1). Results of this file: not yet measured 
 |---|---|---|---|
 | trunk | AlexNet on L for features (P Sec. 3.2) | AlexNet with BN (C train_alexnet) | ResNet-18, CIFAR stem, on L |
 | input | L | L - 50 (C data_l) | L / 50 - 1 (BN follows conv1) |
-| prediction grid | 1/4 of the side (colour net, P Table 4) | 12 x 12 of 180 px, resized to 23 x 23 (C) | 1/4: 8 x 8 |
+| prediction grid | 1/4 of the side (colour net, P Table 4) | 12 x 12 of 180 px, to 23 x 23 (C) | as C: 4 x 4 to 8 x 8 |
 | ab target on the grid | - | one pixel in 8 x 8 (4 x 4 in v2): data_ab_ss (C) | 4 x 4 average |
 | ab bins | grid 10, 313 in gamut (P Sec. 2.1) | 313 (C pts_in_hull.npy) | 229: common.ab_bins |
 | soft encoding | 5 nearest bins, sigma 5 (P Sec. 2.1) | 10 nearest, sigma 5 (C NNEncLayer) | as P |
 | colour prior | ImageNet's, smoothed, sigma 5 (P Sec. 2.2) | prior_probs.npy (C PriorBoostLayer) | training set's |
 | rebalancing | lambda 1/2, uniform over Q (P Eq. 4) | uniform over bins seen (C PriorFactor) | as P |
-| grey images | - | no loss if all grid a, b are within +-5 (C NonGrayMaskLayer) | as C |
+| grey images | - | no loss if all grid a, b are within +-5 (C NonGrayMaskLayer) | as C, on 4 x 4 averages |
 | loss scale | sum over pixels (P Eq. 2) | / images, not pixels (C loss layer .cpp) | as C |
 | crops | - | 180 px of 256 px, flips (C; 176 px in v2) | square, 50-100% of the area, flips |
 | batch, steps | - | 80, 450k (C solver0-3); v2: 40, max_iter 500k, ends near 450k (C readme) | 256, 200 epochs (39k) |
@@ -80,7 +80,7 @@ class Config:
     rebalance_sigma: float = 5.0  # class rebalancing: Gaussian smoothing of the colour prior in ab units
     gray_threshold: float = 5.0  # an image with no grid |a| or |b| above this is grey: no loss (official code)
     temperature: float = 0.38  # annealed-mean decoding (Sec. 2.3): 1 = mean, -> 0 = mode
-    prior_images: int = 50000  # training images counted for the colour prior (at most)
+    prior_images: int = 50000  # pretraining images counted for the colour prior (at most: all if fewer)
     crop_min: float = 0.5  # smallest area fraction of the random square crop
     # optim
     epochs: int = 200  # passes over the training images
@@ -184,14 +184,14 @@ def rebalance_weights(prior, bins, lambd=0.5, sigma=5.0):
 
 @torch.no_grad()
 def colour_prior(data, bins, rt, max_images, size):
-    """Empirical distribution (Q,) of the training pixels' nearest bins, on the prediction grid."""
-    counts, seen = torch.zeros(len(bins), dtype=torch.long, device=rt.device), 0
-    for x, _ in data.eval_batches("train", 500):
+    """Empirical distribution (Q,) of the pretraining pixels' nearest bins, on the prediction grid, over
+    max_images of them drawn at random (a folder lists its images class by class), whatever the processes."""
+    n = len(data.labels("pretrain"))
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images]  # the same on every process
+    counts = torch.zeros(len(bins), dtype=torch.long, device=rt.device)
+    for x, _ in data.batches("pretrain", pick.tensor_split(rt.world_size)[rt.rank].split(500)):
         _, ab = split_lab(lab_at(x, size))  # (b, 2, h, w)
         counts += torch.bincount(common.bin_distances(ab, bins).argmin(1), minlength=len(bins))
-        seen += len(x)
-        if seen >= max_images / rt.world_size:
-            break
     counts = common.all_reduce_sum(counts)  # the histogram of every process's share of the images
     return counts / counts.sum()
 
@@ -255,7 +255,7 @@ def train(cfg: Config) -> dict:
     common.print0(f"colorization: {total_steps} steps, Adam lr {lr:.3g}, {len(bins)} ab bins in the sRGB gamut, "
                   f"rebalancing weights {class_weights.min():.3g}..{class_weights.max():.3g}")
 
-    # the trunk reads L (1 channel); the head scores the Q ab bins on the 1/4-resolution grid
+    # the trunk reads L (1 channel); the head scores the Q ab bins on the trunk's last map, resized to 1/4 of the side
     raw_model = common.sync_batchnorm(common.PixelClassifier(cfg.arch, S <= 64, 1, len(bins)).to(rt.device), rt)
     model = common.compile_and_ddp(raw_model, rt)
     opt = torch.optim.Adam(common.param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.99))

@@ -867,7 +867,8 @@ def lab_to_rgb(lab, clamp=True):
 
 def ab_bins(grid=10.0, L_step=0.1):
     """(Q, 2) centres of the ab cells (side `grid`) that are sRGB colours for some L in [0, 100]: 229 for grid 10.
-    Zhang et al. keep 313 bins they call in-gamut (official resources/pts_in_hull.npy), counted another way."""
+    The 16.7M 8-bit sRGB colours fall into 261 cells: these and 32 at the gamut's edge, whose few colours take a
+    neighbour's bin here. Zhang et al. keep 313 bins (official resources/pts_in_hull.npy), a wider set."""
     side = torch.arange(-120 // grid, 120 // grid + 1) * grid  # |a|, |b| < 120 for every sRGB colour
     ab, L = torch.cartesian_prod(side, side), torch.arange(0, 100 + L_step / 2, L_step)  # (G, 2), (nL,)
     lab = torch.cat([L.view(-1, 1, 1).expand(-1, len(ab), 1), ab.expand(len(L), -1, -1)], 2)  # (nL, G, 3)
@@ -886,7 +887,9 @@ def annealed_mean(logits, centres, temperature):
 
 class PixelClassifier(nn.Module):
     """(B,C,H,W) -> logits (B, n_bins, H/4, W/4). backbone: resnet(arch) reading C channels (L, or ab);
-    backbone(x) (B, width) is the representation. Head: 3x3 conv, BN, ReLU on its last map, upsampling, 1x1 conv."""
+    backbone(x) (B, width) is the representation. Head on its last map: 3x3 conv, BN, ReLU, 1x1 conv to the
+    bins; those logits are then resized to 1/4 of the side (as the official colorization AlexNet resizes
+    its 12 x 12 fc8 to 23 x 23): finer targets, not a finer prediction."""
     stride = 4  # the logits' grid is 1/4 of the image side, as the colorization net's (56 x 56 at 224 px)
 
     def __init__(self, arch, small_images, in_channels, n_bins):
@@ -897,7 +900,6 @@ class PixelClassifier(nn.Module):
         self.classify = nn.Conv2d(width // 2, n_bins, 1)
 
     def forward(self, x):  # the trunk without its pooling and flatten/fc; H/8: CIFAR's stem (H/32 without it)
-        h = self.mix(nn.Sequential(*list(self.backbone.children())[:-2])(x))  # (B, width/2, H/8, W/8)
-        h = F.interpolate(h, size=(x.shape[2] // self.stride, x.shape[3] // self.stride), mode="bilinear",
-                          align_corners=False)  # (B, width/2, H/4, W/4)
-        return self.classify(h)  # (B, n_bins, H/4, W/4)
+        logits = self.classify(self.mix(nn.Sequential(*list(self.backbone.children())[:-2])(x)))  # (B, Q, H/8, W/8)
+        return F.interpolate(logits, size=(x.shape[2] // self.stride, x.shape[3] // self.stride), mode="bilinear",
+                             align_corners=False)  # (B, n_bins, H/4, W/4)

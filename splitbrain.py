@@ -31,9 +31,10 @@ L bins. Results of this file: not yet measured (README).
 | setting | paper | official code | this file |
 |---|---|---|---|
 | halves | AlexNet split in two: group 2 (P Sec. 3.2) | AlexNet, group 2 in conv2, 4, 5 (C deploy_lab) | 2 ResNet-18 |
+| parameters | those of one AlexNet, halved layers (P Sec. 3.2) | as P (C) | two whole trunks: twice one |
 | representation | both halves' layers, concatenated (P Sec. 3.2) | AlexNet to fc7 (C deploy_lab) | 2 x 512, pooled |
 | input | Lab | a fixed 1x1 conv per channel, "0-center" L (C deploy_lab) | L / 50 - 1, ab / 110 |
-| prediction grid | 12 x 12 of 180 px crops (P App. B, Table 6) | - | 1/4: 8 x 8, 4 x 4 averages |
+| prediction grid | 12 x 12 of 180 px crops (P App. B, Table 6) | - | 4 x 4 resized to 8 x 8; targets: 4 x 4 averages |
 | ab bins | grid 10, 313 in gamut, 1-hot (P Sec. 4.1) | - | 229: common.ab_bins, 1-hot |
 | loss scale | sum over pixels (P Eq. 2) | - | as P, mean over images |
 | crops | 180 px of 256 px (P App. B) | - | square, 50-100% of the area, flips |
@@ -127,7 +128,7 @@ def lab_input(lab):
 
 
 class SplitBrain(nn.Module):
-    """Two disjoint halves (common.PixelClassifier: a trunk and a head that classifies each pixel of the
+    """Two disjoint halves (common.PixelClassifier: a trunk and a head whose logits are resized to the
     1/4-resolution grid): F1 sees L and predicts ab bins, F2 sees ab and predicts L bins."""
 
     def __init__(self, arch, small_images, n_ab_bins, n_l_bins):

@@ -98,6 +98,20 @@ def test_soft_encoding_sums_to_one_and_peaks_at_the_nearest_bin():
 # ------------------------------------------------------------------------- rebalancing, decoding
 
 
+def test_colour_prior_draws_its_images_from_every_class(tmp_path):
+    """A folder lists its images class by class: a prior over the first 100 of 1,000 would see one colour."""
+    hues = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 0.5, 0], [0.5, 0, 1],
+                         [0, 0.5, 0], [0.5, 0.2, 0]])  # 10 colours, one per class, in 10 different ab bins
+    y = torch.arange(10).repeat_interleave(100)  # sorted by class
+    x = (hues[y].view(-1, 3, 1, 1).expand(-1, 3, 8, 8) * 255).round().to(torch.uint8)
+    rt = common.setup(tiny(colorization.Config, tmp_path))
+    data = common.Data("sorted", (x, y), (x, y), (x[:10], y[:10]), [str(c) for c in range(10)], rt, 100, 0)
+    bins = common.ab_bins()
+    colours = colorization.colour_prior(data, bins, rt, max_images=100, size=8).nonzero().numel()
+    everything = colorization.colour_prior(data, bins, rt, max_images=1000, size=8).nonzero().numel()
+    assert everything == 10 and colours >= 9  # 100 random images of 1,000 miss a class with probability < 1e-3
+
+
 def test_rebalance_weights_have_expectation_one_under_the_prior():
     bins = common.ab_bins(10.0)
     torch.manual_seed(0)
