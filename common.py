@@ -812,14 +812,15 @@ def load_checkpoint(cfg, rt):
         return None
     try:
         state = torch.load(path, map_location=rt.device, weights_only=True)
+        saved, step = state["config"], state["step"]  # a file without them is not a checkpoint of these scripts
     except Exception as e:
         raise RunError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
                        "delete it or run without --resume") from None
-    changed = [f"{k}={state['config'].get(k)}" for k, v in dataclasses.asdict(cfg).items()
-               if k not in RESUME_MAY_CHANGE and state["config"].get(k) != v]
+    changed = [f"{k}={saved.get(k)}" for k, v in dataclasses.asdict(cfg).items()
+               if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
     if changed:
         raise RunError(f"--resume with other settings than the checkpoint's ({', '.join(changed)}); resume with those")
-    print0(f"resume: step {state['step']} from {path}")
+    print0(f"resume: step {step} from {path}")
     return state
 
 def write_results(results, cfg, rt):

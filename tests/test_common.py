@@ -387,6 +387,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         f.write(b"not a checkpoint")
     with pytest.raises(common.RunError, match="unreadable"):
         common.load_checkpoint(cfg, common.setup(cfg))
+    torch.save({"model": {}}, os.path.join(cfg.out_dir, "ckpt.pt"))  # a torch file, but not one of these scripts'
+    with pytest.raises(common.RunError, match="unreadable.*KeyError"):
+        common.load_checkpoint(cfg, common.setup(cfg))
 
 
 def test_save_image_grid(tmp_path):
