@@ -36,6 +36,9 @@ sits in a CIFAR image (the object near the centre, background at the borders, sk
 left and right alike, not top and bottom) instead of relating the two patches. The official train.py
 starts each grid uniformly in 0-143 px (one patch plus one gap) and tiles the whole 150k-450k pixel image,
 so every label is drawn at many places. More slack: a larger --image_size (96: 36 px) or smaller patches.
+Measured (tests/context_pred_shortcut.py: 10,000 CIFAR-10 images, 3 epochs, tiny trunk, CPU; pretext_top1 on
+the test images, chance 12.5%): with the centre patch blanked, the neighbour alone reaches 26.1% at 64 px, the
+pair 25.5%, so at this budget what is learned is the shortcut; at 96 px, 17.2% alone and 19.6% for the pair.
 
 Departures from the sources (P: the paper, arXiv v3; C: the official code cdoersch/deepcontext,
 train.py, which its README calls a refactoring of the paper's code):
