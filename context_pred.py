@@ -21,24 +21,22 @@ official code, each patch is normalized on its own (its channels' means removed,
 
 The paper trains an AlexNet-like network on ImageNet and evaluates by fine-tuning on PASCAL VOC 2007
 detection; it gives no CIFAR-10 recipe or number. Here the paper's geometry is scaled to CIFAR images
-upsampled to 64 px, with a ResNet-18 patch encoder and RotNet's CIFAR-10 optimizer (the table; not
+upsampled to 96 px, with a ResNet-18 patch encoder and RotNet's CIFAR-10 optimizer (the table; not
 tuned for this task). Evaluated features: knn_top1, probe_top1 and linear_top1 on the patch encoder
 applied to the whole image at the pretext's scale (upsampled to image_size, colours projected and
 normalized as one patch), globally pooled (512-d for ResNet-18). pretext_top1 is the relative-position
 accuracy on pairs cut from the test images. Results of this file: not yet measured (README).
 
-A shortcut that the paper's large images leave closed is open here. At the default 64 px, the grid (3 x 14 px
-patches, 2 x 7 px gaps, 2 x 2 px jitter: 60 px) leaves `room` = 4 px of slack in sample_pairs, so the centre patch
-always comes from the middle of the image and the neighbour of each label from a nearly fixed spot: its top-left corner
-lies within a 9 px range per axis (rows 0-8 for the top row of the grid, 42-50 for the bottom row). Where a
-patch lies in the image thus nearly gives the label, and the encoder may learn where such content usually
-sits in a CIFAR image (the object near the centre, background at the borders, sky at the top; the flip makes
-left and right alike, not top and bottom) instead of relating the two patches. The official train.py
-starts each grid uniformly in 0-143 px (one patch plus one gap) and tiles the whole 150k-450k pixel image,
-so every label is drawn at many places. More slack: a larger --image_size (96: 36 px) or smaller patches.
-Measured (tests/context_pred_shortcut.py: 10,000 CIFAR-10 images, 3 epochs, tiny trunk, CPU; pretext_top1 on
-the test images, chance 12.5%): with the centre patch blanked, the neighbour alone reaches 26.1% at 64 px, the
-pair 25.5%, so at this budget what is learned is the shortcut; at 96 px, 17.2% alone and 19.6% for the pair.
+Where a patch lies gives part of its label away when the grid nearly fills the image: the encoder may learn
+where such content usually sits in a CIFAR image (the object near the centre, background at the borders, sky at
+the top; the flip makes left and right alike, not top and bottom) instead of relating the two patches. The grid
+(3 x 14 px patches, 2 x 7 px gaps, 2 x 2 px jitter: 60 px) leaves `room` = image_size - 60 px of slack in
+sample_pairs: 36 px at the default 96 px, 1.7 steps of patch + gap; the paper's grids have up to about 1.9 in
+its 150k-450k pixel images (the official train.py starts each grid uniformly in 0-143 px, one step, and tiles the
+image). At 64 px, 4 px: the neighbour of each label comes from a nearly fixed spot. Measured with
+tests/context_pred_shortcut.py (10,000 CIFAR-10 images, 3 epochs, tiny trunk, CPU; pretext_top1 on the test
+images, chance 12.5%), the neighbour alone (the centre patch blanked) against the pair: 26.1% vs 25.5% at 64 px,
+where what is learned is the shortcut; 17.2% vs 19.6% at 96 px; 14.2% vs 16.7% at 128 px.
 
 Departures from the sources (P: the paper, arXiv v3; C: the official code cdoersch/deepcontext,
 train.py, which its README calls a refactoring of the paper's code):
@@ -48,11 +46,11 @@ train.py, which its README calls a refactoring of the paper's code):
 | patch encoder | AlexNet-style to fc6 (P Sec. 3) | CaffeNet to fc6 4096 (C gen_net) | ResNet-18, CIFAR stem, fc6 512 |
 | fusion head | fc7, fc8 over both fc6 (P Sec. 3) | fc7, fc8 4096, fc9 8 (C gen_net) | 1024, 8 |
 | batch norm | no scale and shift (P Sec. 3.2) | conv3-5, fc6, fc7, no scale (C) | with scale and shift |
-| image | 150k to 450k pixels (P Sec. 3.2) | as P (C) | CIFAR upsampled to 64 px, flipped |
+| image | 150k to 450k pixels (P Sec. 3.2) | as P (C) | CIFAR upsampled to 96 px, flipped |
 | patch, gap, jitter | 96, 48, +-7 px (P Sec. 3.2) | as P (C) | 14, 7, +-2 px |
 | pairs | a patch, one of its 8 neighbours (P Sec. 3) | all neighbours in 4 grids an image (C) | centre, 1 neighbour |
 | batch | - | up to 512 patches and all their pairs (C batch_sz) | 128 pairs, one per image |
-| grid place | - | start uniform in 0-143 px, cells over the whole image (C) | 0-4 px at 64 px (above) |
+| grid place | - | start uniform in 0-143 px, cells over the whole image (C) | 0-36 px at 96 px (above) |
 | chromatic aberration | projection, or colour dropping (P 3.1) | colour dropping (C prep_image) | projection |
 | patch normalization | mean subtraction (P Sec. 3.2) | kept channel's mean out, / RMS, x 50 (C) | means out, / RMS |
 | pixelation | some patches down to 100 px (P 3.2) | a third, to 10-95 px sides (C) | none (CIFAR is upsampled) |
@@ -80,7 +78,7 @@ class Config:
     data_dir: str = "./data"  # folder of <dataset>.npz (downloaded there if missing); $SSL_DATA replaces this default
     out_dir: str = "out/context_pred"  # config.json, log.jsonl, ckpt.pt, encoder.pt, results.json
     subset: int = 0  # train on the first N training images only (0 = all)
-    image_size: int = 64  # side of the image the patches are cut from (CIFAR upsampled)
+    image_size: int = 96  # side of the image the patches are cut from (CIFAR upsampled; 64 leaves no grid slack)
     # model
     arch: str = "resnet18"  # patch encoder: resnet18 | resnet34 | resnet50 | tiny (a 4-conv trunk for CPU runs)
     patch_dim: int = 512  # width of the shared per-patch layer (the paper's fc6; C: 4096)

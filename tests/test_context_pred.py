@@ -146,7 +146,7 @@ def test_context_loss_hand_computed():
 
 def test_config_checks():
     with pytest.raises(ValueError, match="does not fit in --image_size=64"):
-        context_pred.Config(patch_size=16, gap=8)
+        context_pred.Config(image_size=64, patch_size=16, gap=8)
     with pytest.raises(ValueError, match="--patch_size must be"):
         context_pred.Config(jitter=-1)
 
