@@ -750,7 +750,7 @@ class Logger:
         counted = first or done % self.cfg.log_every == 0 or done % self.spe == 0 or done == self.stop
         if not (counted or (self.rt.is_main and now - self.t_last >= PROGRESS_SECONDS)):
             return
-        if counted:  # the same steps on every process: they meet in check()'s all_reduce
+        if counted or not _distributed():  # counted: the same steps on every process, which meet in check()
             self.check()
         dt, ds = now - self.t_last, done - self.step_last
         self.t_last, self.step_last, self.train_seconds = now, done, self.train_seconds + dt

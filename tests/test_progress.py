@@ -5,6 +5,9 @@ import json
 import os
 import time
 
+import pytest
+import torch
+
 from conftest import first_test_images, tiny
 
 import common
@@ -29,6 +32,18 @@ def test_slow_steps_print_progress_before_log_every_steps(tmp_path, monkeypatch)
     cfg = tiny(simclr.Config, tmp_path, max_steps=4, log_every=100, probe_epochs=0)
     simclr.train(cfg)
     assert logged_steps(cfg) == [1, 2, 3, 4]
+
+
+def test_one_process_stops_at_a_nan_on_a_line_the_clock_asked_for(tmp_path, monkeypatch):
+    """Across processes the NaN check waits for a counted step (tests/dist_common.py); one process checks on every
+    line it prints."""
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)
+    cfg = tiny(simclr.Config, tmp_path, log_every=100)
+    log = common.Logger(cfg, common.setup(cfg), steps_per_epoch=100, start_step=0, stop_step=50)
+    for step in range(3):
+        log.step(step, loss=torch.tensor(1.0))
+    with pytest.raises(common.RunError, match="at step 4;"):
+        log.step(3, loss=torch.tensor(float("nan")))
 
 
 def test_evaluations_print_their_progress(tmp_path, monkeypatch, capsys):
