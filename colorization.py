@@ -189,7 +189,7 @@ def colour_prior(data, bins, rt, max_images, size):
     n = len(data.labels("pretrain"))
     pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images]  # the same on every process
     counts = torch.zeros(len(bins), dtype=torch.long, device=rt.device)
-    for x, _ in data.batches("pretrain", pick.tensor_split(rt.world_size)[rt.rank].split(500)):
+    for x, _ in data.eval_batches("pretrain", 500, pick):
         _, ab = split_lab(lab_at(x, size))  # (b, 2, h, w)
         counts += torch.bincount(common.bin_distances(ab, bins).argmin(1), minlength=len(bins))
     counts = common.all_reduce_sum(counts)  # the histogram of every process's share of the images

@@ -367,9 +367,10 @@ class Data:
             torch.manual_seed((self.seed * 1_000_003 + step) * 1_009 + self.rt.rank)
             yield (step, *next(batches))
 
-    def eval_batches(self, split, batch_size):
-        """This process's contiguous share of a labelled split, in order (for feature extraction)."""
-        share = torch.arange(len(self.labels(split))).tensor_split(self.rt.world_size)[self.rt.rank]
+    def eval_batches(self, split, batch_size, rows=None):
+        """This process's contiguous share of a split (or of its images `rows`), in order (for feature extraction)."""
+        rows = torch.arange(len(self.labels(split))) if rows is None else rows
+        share = rows.tensor_split(self.rt.world_size)[self.rt.rank]
         return self.batches(split, share.split(batch_size))
 
 def load_data(cfg, rt):
@@ -733,8 +734,7 @@ def evaluate(model, features, data, rt, probe_epochs=0, linear_epochs=0):
 class Logger:
     """A progress line and a log.jsonl record after the first step, then every log_every steps, at
     each epoch's end and at least every PROGRESS_SECONDS, with images/s and ETA; stops the run on a
-    NaN/inf loss. Metrics stay on the device between log steps (no host sync). The steps where every
-    process checks for NaN together are counted, never timed: clocks differ between processes."""
+    NaN/inf loss. Metrics stay on the device between log steps (no host sync)."""
     NEVER = 2**62  # first_bad while every loss has been finite
 
     def __init__(self, cfg, rt, steps_per_epoch, start_step, stop_step):
@@ -750,7 +750,7 @@ class Logger:
         counted = first or done % self.cfg.log_every == 0 or done % self.spe == 0 or done == self.stop
         if not (counted or (self.rt.is_main and now - self.t_last >= PROGRESS_SECONDS)):
             return
-        if counted or not _distributed():  # counted: the same steps on every process, which meet in check()
+        if counted or not _distributed():  # processes meet in check() at counted steps: their clocks differ
             self.check()
         dt, ds = now - self.t_last, done - self.step_last
         self.t_last, self.step_last, self.train_seconds = now, done, self.train_seconds + dt
@@ -867,9 +867,8 @@ def lab_to_rgb(lab, clamp=True):
 # colour prediction (colorization.py, splitbrain.py; Zhang et al. 2016, 2017): ab bins, annealed mean, the net
 
 def ab_bins(grid=10.0, L_step=0.1):
-    """(Q, 2) centres of the ab cells (side `grid`) that are sRGB colours for some L in [0, 100]: 229 for grid 10.
-    The 16.7M 8-bit sRGB colours fall into 261 cells: these and 32 at the gamut's edge, whose few colours take a
-    neighbour's bin here. Zhang et al. keep 313 bins (official resources/pts_in_hull.npy), a wider set."""
+    """(Q, 2) centres of the ab cells (side `grid`) that are sRGB colours for some L in [0, 100]: 229 for grid 10
+    (8-bit sRGB falls in 32 more, at the gamut's edge; Zhang et al. keep 313, official resources/pts_in_hull.npy)."""
     side = torch.arange(-120 // grid, 120 // grid + 1) * grid  # |a|, |b| < 120 for every sRGB colour
     ab, L = torch.cartesian_prod(side, side), torch.arange(0, 100 + L_step / 2, L_step)  # (G, 2), (nL,)
     lab = torch.cat([L.view(-1, 1, 1).expand(-1, len(ab), 1), ab.expand(len(L), -1, -1)], 2)  # (nL, G, 3)
