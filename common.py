@@ -572,8 +572,10 @@ class LARS(torch.optim.Optimizer):
             for p in (p for p in g["params"] if p.grad is not None):
                 d, ratio = p.grad.add(p, alpha=g["weight_decay"]), 1.0  # the layer's rate: lr * ratio
                 if not g["lars_exclude"]:
-                    w_norm = p.norm()
-                    d_norm = p.grad.norm() + g["weight_decay"] * w_norm if g["form"] == "larc" else d.norm()
+                    w_norm, g_norm = p.norm(), p.grad.norm()
+                    if g["form"] == "larc":  # a zero w or g: plain SGD on g, not decayed (apex, solo-learn)
+                        d = torch.where((w_norm > 0) & (g_norm > 0), d, p.grad)
+                    d_norm = g_norm + g["weight_decay"] * w_norm if g["form"] == "larc" else d.norm()
                     ratio = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
                     ratio = (ratio / g["lr"]).clamp(max=1) if g["clip"] else ratio
                 v = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)).mul_(g["momentum"])

@@ -271,6 +271,18 @@ def test_lars_byol_and_larc_forms_by_hand():
         common.LARS(nn.Linear(2, 2).parameters(), lr=0.1, form="adam")
 
 
+def test_lars_larc_leaves_a_weight_with_zero_gradient_undecayed():
+    """apex's LARC and solo-learn decay and adapt a layer only when ||w|| and ||g|| are both nonzero: a zero
+    gradient moves a weight only by its momentum. The "byol" form (BYOL, Barlow Twins) decays it all the same."""
+    for form, moved in [("larc", False), ("byol", True)]:
+        w = nn.Linear(4, 3, bias=False)
+        w0 = w.weight.detach().clone()
+        opt = common.LARS(common.param_groups(w, 0.1), lr=0.5, eta=0.02, clip=True, form=form)
+        w.weight.grad = torch.zeros(3, 4)
+        opt.step()
+        assert torch.equal(w.weight.detach(), w0) != moved, form
+
+
 def test_lars_clip_caps_the_layer_lr_at_lr():
     """clip (LARC / solo-learn): a layer's lr is min(eta * ||w|| / ||d||, lr), not lr * eta * ratio."""
     for eta, lr, capped in [(0.02, 0.5, False), (0.02, 1e-4, True)]:
