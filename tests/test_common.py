@@ -194,6 +194,30 @@ def test_gaussian_blur_per_sample_sigma(images):
     assert common.gaussian_blur(noise, p=1.0).mean().sub(noise.mean()).abs() < 1e-3  # kernels sum to 1
 
 
+def test_random_flip_is_horizontal():
+    """A flip mirrors left and right (dim 3), never up and down: p=1 flips every image, p=0 none."""
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(common.random_flip(x, p=1.0), x.flip(3)) and torch.equal(common.random_flip(x, p=0.0), x)
+
+
+def test_random_resized_crop_falls_back_to_the_whole_image():
+    """Aspect 2 at 90-100% of the area never fits in a square (the width would pass the side), in none of the
+    tries: torchvision's fallback, the whole image, not a crop reaching outside it."""
+    ramp = torch.ones(8, 1, 32, 32) * torch.linspace(0, 1, 32)
+    out = common.random_resized_crop(ramp, 32, scale=(0.9, 1.0), ratio=(2.0, 2.0))
+    torch.testing.assert_close(out, ramp, atol=1e-5, rtol=0)
+
+
+def test_gaussian_blur_kernel_sizes():
+    """One bright pixel spreads over exactly the kernel's taps: "side" (H // 10) | 1, 3 at 32 px and 7 at 64 px;
+    "sigma" 2 ceil(3 * 2) + 1 = 13 for sigma up to 2; an int, that many."""
+    for side, kernel, taps in [(32, "side", 3), (64, "side", 7), (32, "sigma", 13), (32, 5, 5)]:
+        x = torch.zeros(1, 3, side, side)
+        x[..., side // 2, side // 2] = 1
+        y = common.gaussian_blur(x, p=1.0, sigma=(1.0, 2.0), kernel=kernel)
+        assert (y[0, 0] > 0).any(0).sum() == taps == (y[0, 0] > 0).any(1).sum(), (side, kernel)
+
+
 # ----------------------------------------------------------------------------------------- models
 
 
@@ -306,6 +330,18 @@ def test_ema_update():
         torch.testing.assert_close(p.detach(), e)
 
 
+def test_lars_moves_a_zero_weight_by_plain_sgd():
+    """An all-zero weight (||w|| = 0: no trust ratio) steps by lr * g in every form, as the official codes'
+    where(||w|| > 0, eta ||w|| / ||d||, 1): a zero-initialised layer still learns."""
+    for form in ("simclr", "byol", "larc"):
+        w = nn.Linear(4, 3, bias=False)
+        nn.init.zeros_(w.weight)
+        opt = common.LARS(common.param_groups(w, 0.1), lr=0.5, form=form)
+        w.weight.grad = torch.full((3, 4), 2.0)
+        opt.step()
+        torch.testing.assert_close(w.weight.detach(), torch.full((3, 4), -1.0), msg=form)
+
+
 # ------------------------------------------------------------------------------------- evaluation
 
 
@@ -331,6 +367,45 @@ def test_knn_weighting_by_hand():
     v0, v1 = math.exp(q @ train[0] / 0.5), math.exp(q @ train[1] / 0.5) + math.exp(q @ train[2] / 0.5)
     assert common.knn_accuracy(train, labels, test, torch.tensor([0 if v0 > v1 else 1]), k=3, temperature=0.5) == 1.0
     assert common.knn_accuracy(train, labels, test, torch.tensor([0]), k=1) == 1.0  # nearest is train[0]
+
+
+def test_knn_votes_weigh_exp_cos_over_0_1_by_default():
+    """Two class-1 neighbours at cosine c outvote one class-0 neighbour at cosine 1 iff 2 exp(c / 0.1) > exp(1 / 0.1),
+    i.e. c > 1 - 0.1 ln 2 = 0.931: c = 0.94 wins (not at T = 0.07), c = 0.6 loses (not with votes of cos / T)."""
+    for c, winner in [(0.94, 1), (0.6, 0)]:
+        s = math.sqrt(1 - c * c)
+        train, labels = torch.tensor([[1.0, 0.0], [c, s], [c, -s]]), torch.tensor([0, 1, 1])
+        assert common.knn_accuracy(train, labels, torch.tensor([[1.0, 0.0]]), torch.tensor([winner])) == 1.0, c
+
+
+def test_linear_probe_standardizes_test_features_with_the_training_statistics():
+    """A test feature is scored on its own: a test set of one class (whose mean is not the training mean) is
+    classified as well as a mixed one."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 32, generator=g)
+    ytr = torch.randint(0, 10, (2000,), generator=g)
+    xtr = centres[ytr] + 0.3 * torch.randn(2000, 32, generator=g)
+    xte = centres[3] + 0.3 * torch.randn(100, 32, generator=g)
+    assert common.linear_probe(xtr, ytr, xte, torch.full((100,), 3), epochs=20) > 0.98
+
+
+def test_extract_features_trims_the_padding_of_uneven_shares(monkeypatch):
+    """2 processes, 5 images: shares of 3 and 2 rows, the second padded to 3 for all_gather (simulated here in one
+    process) and trimmed after: the 5 images' features in order, with their labels, as on one process."""
+    x, y = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8), torch.arange(5)
+    features, sent = lambda u: u.float().mean((2, 3)), []  # noqa: E731
+
+    def all_gather(t):  # rank 1 runs first: rank 0 then receives both processes' padded shares, in rank order
+        sent.append(t)
+        return torch.cat(sent[::-1]) if len(sent) == 2 else torch.cat([t, t])
+
+    monkeypatch.setattr(common, "_distributed", lambda: True)
+    monkeypatch.setattr(common, "all_gather", all_gather)
+    for rank in (1, 0):
+        rt = common.Runtime(rank, 2, torch.device("cpu"), torch.float32, False)
+        feats, labels = common.extract_features(features, common.Data("5", (x, y), (x, y), (x, y), ["a"], rt, 2, 0),
+                                                "test", rt)
+    assert torch.equal(feats, features(x)) and torch.equal(labels, y)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -389,6 +464,14 @@ def test_steps_resume_mid_epoch_gives_the_same_batches(tmp_path):
     assert not torch.equal(full[0][1], full[4][1])  # epoch 2 reshuffles
 
 
+def test_steps_draw_other_random_numbers_in_each_epoch(tmp_path):
+    """Data.steps seeds each step from the global step: epoch 2's augmentations are not epoch 1's again."""
+    cfg = tiny(simclr.Config, tmp_path, batch_size=64, subset=128)
+    data = common.load_data(cfg, common.setup(cfg))
+    draws = [torch.rand(3) for _ in data.steps(0, 4)]  # 2 steps per epoch
+    assert not torch.equal(draws[0], draws[2]) and not torch.equal(draws[1], draws[3])
+
+
 # ------------------------------------------------------------------------------------ bookkeeping
 
 
@@ -402,6 +485,33 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"model": {}}, os.path.join(cfg.out_dir, "ckpt.pt"))  # a torch file, but not one of these scripts'
     with pytest.raises(common.RunError, match="unreadable.*KeyError"):
         common.load_checkpoint(cfg, common.setup(cfg))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that dies midway (disk full, a kill) leaves the last checkpoint whole: save_checkpoint writes a
+    temporary file, then renames it."""
+    rt, path = common.Runtime(0, 1, torch.device("cpu"), torch.float32, False), str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"step": 1}, rt)
+
+    def dies(state, f):
+        open(f, "wb").write(b"half a checkp")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError):
+        common.save_checkpoint(path, {"step": 2}, rt)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_resume_refuses_another_seed_and_allows_more_steps(tmp_path):
+    """The seed fixes the batches and draws: a run resumes only with its own; max_steps may change."""
+    cfg = tiny(simclr.Config, tmp_path, resume=True)
+    rt = common.setup(cfg)
+    common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {"config": dataclasses.asdict(cfg), "step": 3}, rt)
+    with pytest.raises(common.RunError, match="seed=0"):
+        common.load_checkpoint(dataclasses.replace(cfg, seed=1), rt)
+    assert common.load_checkpoint(dataclasses.replace(cfg, max_steps=9), rt)["step"] == 3
 
 
 def test_save_image_grid(tmp_path):

@@ -106,3 +106,27 @@ def test_smoke_run_with_one_linear_epoch_writes_all_three(tmp_path):
     saved = json.load(open(os.path.join(cfg.out_dir, "results.json")))
     assert all(isinstance(saved[k], float) and 0 <= saved[k] <= 1 for k in ("knn_top1", "probe_top1", "linear_top1"))
     assert saved == results
+
+
+def test_linear_eval_lr_is_per_256_images(tmp_path, monkeypatch):
+    """lr is given per 256 images (the linear scaling rule): batches of 64 train at a quarter of it."""
+    data, rt = colour_data(tmp_path, n_train=256, n_test=64)
+    net = frozen_backbone().eval()
+    lrs = []
+    real_set_lr = common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr, **kw: lrs.append(lr) or real_set_lr(opt, lr, **kw))
+    common.linear_eval(lambda x: net(common.to_float(x)), data, rt, epochs=1, batch_size=64, lr=0.1)
+    assert lrs == pytest.approx([0.025])
+
+
+def test_knn_votes_among_the_training_images_not_their_flips(tmp_path, monkeypatch):
+    """With the probe on, the training features come with their flips' (2N rows); kNN votes among the N images."""
+    data, rt = colour_data(tmp_path, n_train=256, n_test=64)
+    net = frozen_backbone()
+    features = lambda x: net(common.to_float(x))  # noqa: E731
+    seen, real_knn = [], common.knn_accuracy
+    monkeypatch.setattr(common, "knn_accuracy", lambda train, *args: seen.append(train) or real_knn(train, *args))
+    common.evaluate(net, features, data, rt, probe_epochs=1)
+    net.eval()  # evaluate handed it back in training mode
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0], features(data.train[0]))

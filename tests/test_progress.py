@@ -83,3 +83,20 @@ def test_evaluation_progress_comes_5_seconds_in_then_every_30_then_its_duration(
         progress(done)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" |")[0] for line in lines] == ["eval: x 20/100", "eval: x 40/100", "eval: x: 100 in 0:00:40"]
+
+
+def test_a_loss_of_inf_stops_the_run_as_nan_does(tmp_path):
+    """The check is for any non-finite loss: +inf (an overflow) stops the run at the step it appeared."""
+    cfg = tiny(simclr.Config, tmp_path, log_every=100)
+    log = common.Logger(cfg, common.setup(cfg), steps_per_epoch=100, start_step=0, stop_step=50)
+    with pytest.raises(common.RunError, match="at step 1;"):
+        log.step(0, loss=torch.tensor(float("inf")))
+
+
+def test_a_record_at_each_epochs_end(tmp_path):
+    """Besides the first step, every log_every steps and the last: a record at the end of each epoch."""
+    cfg = tiny(simclr.Config, tmp_path, log_every=100)
+    log = common.Logger(cfg, common.setup(cfg), steps_per_epoch=3, start_step=0, stop_step=8)
+    for step in range(8):
+        log.step(step, loss=torch.tensor(1.0))
+    assert logged_steps(cfg) == [1, 3, 6, 8]
