@@ -170,3 +170,25 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------------- learning
+
+
+def test_training_minimizes_the_scaled_loss_of_asymmetric_views_down_to_the_final_lr(tmp_path, monkeypatch):
+    """Per step: view 1 blurred always, never solarized; view 2 blurred with p 0.1, solarized with p 0.2 (BYOL's
+    recipe); the loss minimized (and logged) is loss_scale x barlow_twins_loss; the cosine ends at
+    lr x final_lr_ratio."""
+    views, losses, real_view, real_loss = [], [], barlow.barlow_view, barlow.barlow_twins_loss
+
+    def recording_loss(z1, z2, lambd):
+        losses.append(real_loss(z1, z2, lambd))
+        return losses[-1]
+
+    monkeypatch.setattr(barlow, "barlow_view", lambda x, cfg, **kw: views.append(kw) or real_view(x, cfg, **kw))
+    monkeypatch.setattr(barlow, "barlow_twins_loss", recording_loss)
+    cfg = tiny(barlow.Config, tmp_path, subset=96, batch_size=32, final_lr_ratio=0.5, log_every=1, probe_epochs=0,
+               **FAST)  # 3 steps, no warmup
+    barlow.train(cfg)
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
+    assert views == [dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2)] * 3
+    assert [r["loss"] for r in log] == pytest.approx([0.1 * loss.item() for loss in losses], rel=1e-6)
+    lr = cfg.lr * cfg.batch_size / 256
+    assert [r["lr"] for r in log] == pytest.approx([common.cosine_lr(k, 3, 0, lr, final_lr=0.5 * lr) for k in range(3)])

@@ -164,3 +164,34 @@ def test_config_rejects_impossible_values():
 
 
 # ---------------------------------------------------------------------------------- learning
+
+
+def test_the_predictor_is_on_the_online_path_only():
+    """Paper Fig. 2: p = q(g(f(v))) online, t = g'(f'(v)) target: the predictor on the online side only."""
+    torch.manual_seed(0)
+    model = byol.BYOL("tiny", True, 64, 32)
+    x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    p1, p2, t1, t2 = model(x1, x2)  # BatchNorm on batch statistics: the same batch, the same outputs below
+    for x, p, t in [(x1, p1, t1), (x2, p2, t2)]:
+        torch.testing.assert_close(p, model.predictor(model.projector(model.backbone(x))))
+        torch.testing.assert_close(t, model.target_projector(model.target_backbone(x)))
+
+
+def test_a_training_step_swaps_the_views_and_moves_the_whole_target_by_the_scheduled_tau(tmp_path, monkeypatch):
+    """Per step: v ~ T (blur 1.0, solarize 0.0), v' ~ T' (0.1, 0.2) (Table 6); each prediction regresses the OTHER
+    view's target, [p1, p2] against [t2, t1] (Sec. 3.1); then f' and g' both move by tau(k) of the cosine (Eq. 1)."""
+    views, losses, emas, outs = [], [], [], []
+    real_view, real_loss, real_ema, real_forward = byol.byol_view, byol.byol_loss, common.ema_update, byol.BYOL.forward
+    monkeypatch.setattr(byol, "byol_view", lambda x, cfg, **kw: views.append(kw) or real_view(x, cfg, **kw))
+    monkeypatch.setattr(byol, "byol_loss", lambda p, z: losses.append((p, z)) or real_loss(p, z))
+    monkeypatch.setattr(common, "ema_update", lambda t, o, m: emas.append((t, o, m)) or real_ema(t, o, m))
+    monkeypatch.setattr(byol.BYOL, "forward", lambda self, x1, x2: outs.append((self, real_forward(self, x1, x2)))
+                        or outs[-1][1])
+    cfg = tiny(byol.Config, tmp_path, subset=128, batch_size=32, max_steps=2, probe_epochs=0, proj_hidden=64)
+    byol.train(cfg)  # 4 steps per epoch, 2 of them run
+    assert views == [dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2)] * 2
+    for (p, z), (_, (p1, p2, t1, t2)) in zip(losses, outs, strict=True):
+        assert torch.equal(p, torch.cat([p1, p2])) and torch.equal(z, torch.cat([t2, t1]))
+    m, tau = outs[0][0], [byol.target_tau(k, 4, cfg.tau_base) for k in range(2)]
+    assert emas == [(m.target_backbone, m.backbone, tau[0]), (m.target_projector, m.projector, tau[0]),
+                    (m.target_backbone, m.backbone, tau[1]), (m.target_projector, m.projector, tau[1])]

@@ -249,3 +249,36 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(clip, "clip_loss", monkeypatch, tmp_path, **TEXT)
+
+
+def test_text_feature_is_the_output_at_the_end_token_itself():
+    """Sec. 2.4: the feature is the top layer's activation AT the [EOS] token: changing only the END token's
+    embedding changes it (a feature read one position earlier would, causal, never see it)."""
+    torch.manual_seed(0)
+    tower = clip.TextTower(16, 32, 2, 2).eval()
+    tokens = clip.tokenize(["a cat", "a striped disk"], 16)
+    with torch.no_grad():
+        before = tower(tokens)
+        tower.token_embedding.weight[clip.END] += torch.randn(32)
+        after = tower(tokens)
+    assert not torch.allclose(before, after, atol=1e-3, rtol=0)
+
+
+def test_the_crop_is_square_and_the_only_augmentation(monkeypatch):
+    """Sec. 2.3: a random square crop of area (crop_min, 1), nothing else."""
+    calls = []
+    monkeypatch.setattr(common, "random_resized_crop", lambda x, *args, **kw: calls.append((args, kw)) or x)
+    view = clip.clip_view(torch.full((2, 3, 32, 32), 255, dtype=torch.uint8), clip.Config(crop_min=0.3))
+    assert calls == [((32,), dict(scale=(0.3, 1.0), ratio=(1.0, 1.0)))]
+    torch.testing.assert_close(view, common.normalize(torch.ones(2, 3, 32, 32)))
+
+
+def test_adamw_lr_is_scaled_by_the_batch_and_decays_weights_only(tmp_path):
+    """train()'s AdamW: lr x batch / 256 (linear scaling), weight decay on the group "weights" only, not on the
+    gains, biases and logit scale of the group "biases" (paper Sec. 2.5)."""
+    cfg = tiny(clip.Config, tmp_path, subset=64, batch_size=32, max_steps=1, probe_epochs=0, **TEXT)
+    clip.train(cfg)
+    groups = {g["name"]: g for g in load_ckpt(cfg)["opt"]["param_groups"]}
+    assert groups["weights"]["lr"] == groups["biases"]["lr"] == pytest.approx(cfg.lr * 32 / 256)  # no warmup: step 0
+    assert groups["weights"]["weight_decay"] == cfg.weight_decay and groups["biases"]["weight_decay"] == 0.0
+    assert len(groups["weights"]["params"]) + len(groups["biases"]["params"]) == len(list(small_clip().parameters()))

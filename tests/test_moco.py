@@ -266,3 +266,36 @@ def test_blur_is_the_official_loaders_pil_blur(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "gaussian_blur", lambda x, **kw: calls.append(kw) or blur(x, **kw))
     moco.moco_view(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), tiny(moco.Config, tmp_path, blur=True))
     assert calls == [dict(p=0.5, sigma=(0.1, 2.0), kernel="sigma")]
+
+
+def test_views_of_v2_and_v1(monkeypatch):
+    """v2: SimCLR's jitter at strength 0.5, (0.4, 0.4, 0.4, 0.1) on 80% of the views, then grayscale on 20%;
+    v1 (InstDisc's): grayscale on 20% first, then a jitter with a hue of 0.4 on every view."""
+    calls = []
+    for name in ("color_jitter", "random_grayscale"):
+        monkeypatch.setattr(common, name, lambda x, *args, _name=name, **kw: calls.append((_name, args, kw)) or x)
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    moco.moco_view(x, moco.Config())
+    assert calls == [("color_jitter", (0.4, 0.4, 0.4, 0.1), dict(p=0.8)), ("random_grayscale", (), dict(p=0.2))]
+    calls.clear()
+    moco.moco_view(x, moco.Config(version=1))
+    assert calls == [("random_grayscale", (), dict(p=0.2)), ("color_jitter", (0.4, 0.4, 0.4, 0.4), {})]
+
+
+def test_a_symmetric_step_sums_both_losses_of_unit_queries_at_the_scaled_lr(tmp_path, monkeypatch):
+    """train() gives moco_loss L2-normalized queries (Eq. 1 is over cosines); --symmetric minimizes the SUM of
+    the two directions (the demo's loss_12 + loss_21); SGD's lr is lr x batch / 256 (0.06 at 512)."""
+    seen, real = [], moco.moco_loss
+
+    def recording(q, k, queue, temperature):
+        loss = real(q, k, queue, temperature)
+        seen.append((q.detach(), loss.item()))
+        return loss
+
+    monkeypatch.setattr(moco, "moco_loss", recording)
+    cfg = tiny(moco.Config, tmp_path, subset=128, symmetric=True, queue_size=128, max_steps=1, probe_epochs=0)
+    moco.train(cfg)
+    (record,) = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
+    assert len(seen) == 2 and all(torch.allclose(q.norm(dim=1), torch.ones(len(q))) for q, _ in seen)
+    assert record["loss"] == pytest.approx(seen[0][1] + seen[1][1], rel=1e-6)
+    assert record["lr"] == pytest.approx(cfg.lr * cfg.batch_size / 256)  # no warmup: the base lr at step 0

@@ -156,3 +156,28 @@ def test_each_residual_block_starts_as_the_identity_as_the_official_resnet(arch,
             if isinstance(m, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck))]
     assert len(last) == blocks and all((bn.weight == 0).all() for bn in last)
     assert (model.backbone.bn1.weight == 1).all()
+
+
+def test_views_are_the_papers_recipe(monkeypatch):
+    """App. A at strength s = 1: jitter (0.8s, 0.8s, 0.8s, 0.2s) on 80% of the views, grayscale on 20%, and with
+    --blur a blur on half of them; the order as the paper's: crop, flip, jitter, grayscale, blur."""
+    calls = []
+    for name in ("random_resized_crop", "random_flip", "color_jitter", "random_grayscale", "gaussian_blur"):
+        monkeypatch.setattr(common, name, lambda x, *args, _name=name, **kw: calls.append((_name, args, kw)) or x)
+    simclr.simclr_view(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), simclr.Config(jitter_strength=1.0, blur=True))
+    assert calls == [("random_resized_crop", (32,), dict(scale=(0.08, 1.0))), ("random_flip", (), {}),
+                     ("color_jitter", (0.8, 0.8, 0.8, 0.2), dict(p=0.8)), ("random_grayscale", (), dict(p=0.2)),
+                     ("gaussian_blur", (), dict(p=0.5))]
+
+
+def test_lars_lr_is_scaled_by_the_batch_and_spares_biases_and_bn(tmp_path):
+    """The official LARS ("simclr" form) at lr x batch / 256 (linear scaling, paper App. B.1); weight decay and
+    the trust ratio on weights only, not on biases and BN (C lars_optimizer.py's exclusions)."""
+    cfg = tiny(simclr.Config, tmp_path, subset=64, batch_size=32, max_steps=1, probe_epochs=0)
+    simclr.train(cfg)
+    opt = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["opt"]
+    groups = {g["name"]: g for g in opt["param_groups"]}
+    assert groups["weights"]["lr"] == groups["biases"]["lr"] == pytest.approx(cfg.lr * 32 / 256)  # no warmup: step 0
+    assert groups["weights"]["weight_decay"] == cfg.weight_decay and not groups["weights"]["lars_exclude"]
+    assert groups["biases"]["weight_decay"] == 0.0 and groups["biases"]["lars_exclude"]
+    assert {g["form"] for g in opt["param_groups"]} == {"simclr"}

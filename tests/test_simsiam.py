@@ -154,3 +154,37 @@ def test_blur_is_the_official_loaders_pil_blur(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "gaussian_blur", lambda x, **kw: calls.append(kw) or blur(x, **kw))
     simsiam.simsiam_view(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), tiny(simsiam.Config, tmp_path, blur=True))
     assert calls == [dict(p=0.5, sigma=(0.1, 2.0), kernel="sigma")]
+
+
+def test_predictor_is_a_bottleneck_with_bn_and_relu_on_its_hidden_layer_only():
+    """Paper Sec. 3 and builder.py: h = fc (d -> d/4, no bias), BN, ReLU, fc (d/4 -> d, with a bias); no BN at
+    the output."""
+    predictor = simsiam.SimSiam("tiny", True, 2, 64, 64, 16).predictor
+    assert [type(m) for m in predictor] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+    assert (predictor[0].in_features, predictor[0].out_features, predictor[3].out_features) == (64, 16, 64)
+    assert predictor[0].bias is None and predictor[3].bias is not None
+
+
+def test_views_are_the_official_loaders(monkeypatch):
+    """main_simsiam.py (MoCo v2's): crop of area (crop_min, 1), jitter (0.4, 0.4, 0.4, 0.1) on 80% of the views,
+    grayscale on 20%, blur only with --blur, then the flip."""
+    calls = []
+    for name in ("random_resized_crop", "color_jitter", "random_grayscale", "gaussian_blur", "random_flip"):
+        monkeypatch.setattr(common, name, lambda x, *args, _name=name, **kw: calls.append((_name, args, kw)) or x)
+    simsiam.simsiam_view(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), simsiam.Config(crop_min=0.3))
+    assert calls == [("random_resized_crop", (32,), dict(scale=(0.3, 1.0))),
+                     ("color_jitter", (0.4, 0.4, 0.4, 0.1), dict(p=0.8)), ("random_grayscale", (), dict(p=0.2)),
+                     ("random_flip", (), {})]
+
+
+def test_a_training_step_crosses_the_views_and_decays_every_parameter(tmp_path, monkeypatch):
+    """train() minimizes simsiam_loss(p1, p2, z1, z2) of one forward's outputs, D(p1, z2)/2 + D(p2, z1)/2 (Eq. 4),
+    and its SGD decays every parameter, the predictor's too (official code: weight decay on all parameters)."""
+    outs, args, real_forward, real_loss = [], [], simsiam.SimSiam.forward, simsiam.simsiam_loss
+    monkeypatch.setattr(simsiam.SimSiam, "forward", lambda self, x1, x2: outs.append(real_forward(self, x1, x2))
+                        or outs[-1])
+    monkeypatch.setattr(simsiam, "simsiam_loss", lambda *a: args.append(a) or real_loss(*a))
+    cfg = tiny(simsiam.Config, tmp_path, subset=64, batch_size=32, max_steps=1, probe_epochs=0, **SMALL)
+    simsiam.train(cfg)
+    assert len(outs) == len(args) == 1 and all(a is o for a, o in zip(args[0], outs[0], strict=True))
+    assert [g["weight_decay"] for g in load_ckpt(cfg)["opt"]["param_groups"]] == [cfg.weight_decay] * 2

@@ -263,3 +263,38 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------------- learning
+
+
+def test_training_codes_are_the_batch_rows_of_sinkhorn_at_the_configured_epsilon_and_iterations(
+        tmp_path, monkeypatch):
+    """Each step, each global crop's codes given to swav_loss are the first B rows (the batch's, not the queue's) of
+    sinkhorn(scores, --epsilon, --sinkhorn_iters), here at values unlike the defaults and the temperature."""
+    calls, targets, real_sinkhorn, real_loss = [], [], swav.sinkhorn, swav.swav_loss
+
+    def sinkhorn(scores, epsilon, n_iters):
+        calls.append((epsilon, n_iters, real_sinkhorn(scores, epsilon, n_iters)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(swav, "sinkhorn", sinkhorn)
+    monkeypatch.setattr(swav, "swav_loss",
+                        lambda scores, codes, T: targets.append(codes) or real_loss(scores, codes, T))
+    cfg = tiny(swav.Config, tmp_path, subset=256, batch_size=32, max_steps=3, queue_size=64, queue_start_epoch=0,
+               epsilon=0.07, sinkhorn_iters=5, probe_epochs=0)  # the queue (2 batches) joins the codes at step 2
+    swav.train(cfg)
+    assert [(eps, n) for eps, n, _ in calls] == [(0.07, 5)] * 6 and len(calls[-1][2]) == 32 + 64
+    for step, codes in enumerate(targets):
+        for i in range(2):
+            torch.testing.assert_close(codes[i], calls[2 * step + i][2][:32], atol=0, rtol=0)
+
+
+def test_prototypes_are_frozen_for_exactly_the_first_epochs(tmp_path, monkeypatch):
+    """freeze_prototypes_epochs=1 at 2 steps per epoch: steps 0 and 1 leave the prototypes as they were, step 2
+    moves them."""
+    calls = record_forward(monkeypatch)
+    cfg = tiny(swav.Config, tmp_path, subset=64, batch_size=32, epochs=2, max_steps=3, freeze_prototypes_epochs=1,
+               queue_size=0, probe_epochs=0)
+    swav.train(cfg)
+    init = calls[0][1]
+    torch.testing.assert_close(calls[2][1], init, atol=1e-6, rtol=0)  # seen by step 2's forward: not moved yet
+    moved = (load_ckpt(cfg)["model"]["prototypes.weight"] - init).abs().max()
+    assert moved > 1e-5  # step 2 moved them (by ~5e-5 at this lr; a frozen step's renormalization: ~1e-7)
