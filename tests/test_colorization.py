@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, tiny)
+                      assert_smoke_run, few_test_images, tiny)
 
 import colorization
 import common
@@ -200,6 +200,24 @@ def test_training_gives_grey_images_no_loss(tmp_path, monkeypatch):
         assert (w[1::2].flatten(1) > 0).all(1).float().mean() > 0.9  # synthetic images are nearly all colourful
 
 
+def test_training_weighs_each_colour_pixel_by_its_nearest_bins_weight(tmp_path, monkeypatch):
+    """Inside train(): a pixel of a colour image weighs w[q] (Eq. 3), q its nearest bin (the target's largest
+    share), w from rebalance_weights; here w = 1, 2, ..., Q, so that every bin's weight is its own."""
+    w, seen = torch.arange(1.0, len(common.ab_bins()) + 1), []
+    monkeypatch.setattr(colorization, "rebalance_weights", lambda *args: (w, None))
+    real_loss = colorization.colorization_loss
+
+    def loss(logits, target, weights):
+        seen.append((target.detach().clone(), weights.detach().clone()))
+        return real_loss(logits, target, weights)
+
+    monkeypatch.setattr(colorization, "colorization_loss", loss)
+    colorization.train(tiny(colorization.Config, tmp_path, max_steps=1, probe_epochs=0))
+    (target, weights), = seen
+    colour = weights.flatten(1).any(1)  # (B,): grey images weigh 0 (test_training_gives_grey_images_no_loss)
+    assert colour.float().mean() > 0.9 and torch.equal(weights[colour], w[target.argmax(1)][colour])
+
+
 def test_the_network_reads_one_channel_and_predicts_at_quarter_resolution():
     model = common.PixelClassifier("tiny", True, 1, 229)  # what train() builds
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 229, 8, 8)
@@ -258,3 +276,23 @@ def test_colour_metrics_of_a_perfect_predictor(tmp_path):
     got = colorization.colour_metrics(Oracle(), data, bins, rt, cfg.temperature, cfg.image_size)
     assert not truth and got["color_top1"] == 1.0
     assert 0.9 < got["color_auc"] < 1  # errors left: bin rounding and the 1/4-resolution prediction
+
+
+def test_colour_auc_is_the_share_of_thresholds_0_to_150_each_pixel_meets(tmp_path):
+    """A predictor of grey (ab = 0) everywhere: the AuC is the share of the 151 thresholds t = 0, 1, ..., 150
+    with |true ab| <= t (paper Sec. 3.1), over every pixel of the test images, counted here directly."""
+    cfg = tiny(colorization.Config, tmp_path)
+    rt = common.setup(cfg)
+    with few_test_images(64):
+        data = common.load_data(cfg, rt)
+    bins = common.ab_bins(cfg.grid)
+    grey = (bins == 0).all(1).float() * 1e4  # (Q,): all the mass on the bin at (0, 0)
+
+    class Grey(torch.nn.Module):
+        def forward(self, L):
+            return grey.view(1, -1, 1, 1).expand(len(L), -1, L.shape[2] // 4, L.shape[3] // 4)
+
+    got = colorization.colour_metrics(Grey(), data, bins, rt, cfg.temperature, cfg.image_size)["color_auc"]
+    err = torch.cat([common.rgb_to_lab(common.to_float(x))[:, 1:].norm(dim=1) for x, _ in data.eval_batches("test", 9)])
+    share = (err[..., None] <= torch.arange(151.0)).float().mean()  # (64, 32, 32, 151): pixels x thresholds
+    assert len(err) == 64 and got == pytest.approx(share.item(), rel=1e-5)

@@ -66,6 +66,17 @@ def test_grid_position_and_jitter_vary():
     assert tops.min() == 21 and tops.max() == 29
 
 
+def test_each_patch_has_its_own_symmetric_jitter():
+    """The neighbour's offset from its grid step is the difference of two independent draws in -2..2 (one per
+    patch, as the paper): every value in -4..4 occurs, in rows and in columns (not so for a shared or one-sided one)."""
+    torch.manual_seed(0)
+    centre, neighbour, labels = context_pred.sample_pairs(position_image(2000, 64), 14, 7, 2)
+    for axis in (0, 1):  # channel 0 holds the row, channel 1 the column
+        want = torch.tensor([EXPECTED[k][axis] for k in range(8)])[labels] * 21  # one grid step: 14 + 7 px
+        off = neighbour[:, axis, 0, 0] - centre[:, axis, 0, 0] - want
+        assert sorted(off.unique().tolist()) == list(range(-4, 5)), axis
+
+
 def test_label_docstring_layout():
     doc = context_pred.sample_pairs.__doc__
     assert "0 1 2" in doc and "3 . 4" in doc and "5 6 7" in doc
@@ -114,6 +125,20 @@ def test_context_view_normalizes_each_patch_on_its_own(tmp_path):
     for patch in context_pred.context_view(x, cfg)[:2]:  # centre, neighbour: (B, 3, P, P)
         torch.testing.assert_close(patch.mean((2, 3)), torch.zeros(16, 3), atol=1e-5, rtol=0)
         torch.testing.assert_close(patch.square().mean((1, 2, 3)).sqrt(), torch.ones(16), atol=1e-2, rtol=0)
+
+
+def test_context_view_flips_about_half_the_images_before_the_grid(tmp_path, monkeypatch):
+    """The image the pairs are cut from (image_size = the data's 32 px: no resize) is mirrored left-right or not,
+    per image."""
+    torch.manual_seed(0)
+    seen = []
+    monkeypatch.setattr(context_pred, "patch_pairs", lambda x, cfg: seen.append(x))
+    x = (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8)
+    context_pred.context_view(x, tiny(context_pred.Config, tmp_path, **SMALL))
+    plain = x.float() / 255
+    same = [torch.equal(o, p) for o, p in zip(seen[0], plain)]
+    mirrored = [torch.equal(o, p.flip(-1)) for o, p in zip(seen[0], plain)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
 
 
 def test_context_view_shapes(tmp_path):

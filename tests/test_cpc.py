@@ -1,6 +1,7 @@
 """cpc.py: the patch grid, targets clear of the context, the context's causality, InfoNCE against hand
 computation, per-patch augmentation, 2-process equality, and the training loop's contract on CPU."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
+import common
 import cpc
 
 FAST = dict(context_dim=32, context_blocks=1, pred_steps=2)  # the loop's tests need no real context network
@@ -97,6 +99,18 @@ def test_context_at_row_r_does_not_depend_on_patches_below():
     changed[:, 0] = torch.randn_like(changed[:, 0])  # the top row reaches one row further down per block
     c2 = model.context(model.encode(changed))
     assert [not torch.allclose(c2[:, i], c[:, i]) for i in range(7)] == [i <= 3 for i in range(7)]
+
+
+def test_context_blocks_are_residual():
+    """P2 App. A: each block adds its output to its input. With every block's last 1x1 conv zeroed, the blocks add
+    nothing and c = relu(z)."""
+    torch.manual_seed(0)
+    net = cpc.ContextNet(8, 16, 3)
+    for block in net.blocks:
+        torch.nn.init.zeros_(block[-1].weight)
+        torch.nn.init.zeros_(block[-1].bias)
+    z = torch.randn(2, 5, 5, 8)
+    torch.testing.assert_close(net(z), F.relu(z))
 
 
 def test_predictions_and_targets_meet_in_the_projected_space():
@@ -224,3 +238,25 @@ def test_every_grid_is_cut_from_images_at_image_size(tmp_path, monkeypatch):
     monkeypatch.setattr(cpc, "cut_patches", lambda x, size, stride: sides.append(x.shape[-1]) or cut(x, size, stride))
     results = cpc.train(tiny(cpc.Config, tmp_path, image_size=24, subset=128, max_steps=1, linear_epochs=1, **FAST))
     assert results["linear_top1"] is not None and len(sides) > 3 and set(sides) == {24}
+
+
+def test_a_process_finds_its_positives_among_its_own_targets(tmp_path, monkeypatch):
+    """Inside train() as process 1 of 2 (faked, up to its first loss): the gathered targets hold process 0's images
+    first (zeros here), so this process's positives, own_start .. own_start + B - 1, must be its own targets."""
+    real_setup, seen = common.setup, []
+    monkeypatch.setattr(common, "setup", lambda cfg: dataclasses.replace(real_setup(cfg), rank=1, world_size=2))
+    monkeypatch.setattr(common, "compile_and_ddp", lambda model, rt: model)  # no process group to wrap it in
+    monkeypatch.setattr(common, "gather_with_grad", lambda t: torch.cat([torch.zeros_like(t), t]))
+
+    class Seen(Exception):  # stops the run at its first loss: the faked process group could not evaluate
+        pass
+
+    def loss(preds, targets, steps, own_start):
+        seen.append((targets.detach(), own_start, len(preds)))
+        raise Seen
+
+    monkeypatch.setattr(cpc, "cpc_loss", loss)
+    with pytest.raises(Seen):
+        cpc.train(tiny(cpc.Config, tmp_path, max_steps=1, probe_epochs=0, **FAST))
+    (targets, own_start, B), = seen
+    assert len(targets) == 2 * B and (targets[own_start:own_start + B].abs().flatten(1).sum(1) > 0).all()

@@ -177,6 +177,24 @@ def test_band_weighs_ten_times_the_hole():
     assert in_band.item() == pytest.approx(10 * in_hole.item() * band.sum().item() / hole.sum().item(), rel=1e-6)
 
 
+def test_hole_mse_is_a_mean_over_the_holes_pixels_and_channels(tmp_path):
+    """Flat test images of one colour c: F's output 0 (grey 0.5) scores mean over channels of (0.5 - c)^2, the fill
+    f scores mean of (f - c)^2, whatever the holes: sums over the holes divided by 3 values per hole pixel."""
+    rt = common.Runtime(0, 1, torch.device("cpu"), torch.float32, False)
+    x = torch.tensor([51, 153, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(8, 3, 32, 32).contiguous()
+    y = torch.zeros(8, dtype=torch.long)
+    data = common.Data("flat", (x, y), (x, y), (x, y), ["0"], rt, 8, 0)
+
+    class Zero(nn.Module):
+        def forward(self, masked):
+            return torch.zeros_like(masked)
+
+    c, fill = torch.tensor([0.2, 0.6, 1.0]), torch.tensor([0.1, 0.2, 0.3])
+    got = inpainting.hole_mse(Zero(), data, fill, tiny(inpainting.Config, tmp_path), rt)
+    assert got["hole_mse"] == pytest.approx(((0.5 - c) ** 2).mean().item(), rel=1e-5)
+    assert got["hole_mse_mean_fill"] == pytest.approx(((fill - c) ** 2).mean().item(), rel=1e-5)
+
+
 def test_gan_losses_hand_computed_and_stable():
     z = torch.zeros(5)
     assert inpainting.discriminator_loss(z, z).item() == pytest.approx(2 * math.log(2), rel=1e-6)
@@ -301,6 +319,48 @@ def test_joint_run_steps_d_then_f_each_moving_only_its_own_network(smoke_joint):
         other = "F" if who == "D" else "D"
         assert all(not torch.equal(a, b) for a, b in zip(before[who], after[who])), f"{who}'s step missed parameters"
         assert all(torch.equal(a, b) for a, b in zip(before[other], after[other])), f"{who}'s step moved {other}"
+
+
+def test_logged_loss_is_the_weighted_sum_of_l2_and_adversarial(smoke_features, smoke_joint):
+    """The joint loss (paper Sec. 3.2; official wtl2 = 0.999): every step's loss is (1 - adv_weight) rec +
+    adv_weight adv, here 0.999 rec + 0.001 adv; with L2 alone it is rec."""
+    for (cfg, _, _, _), weight in [(smoke_joint, 0.001), (smoke_features, 0.0)]:
+        steps = [r for r in map(json.loads, open(os.path.join(cfg.out_dir, "log.jsonl"))) if "loss" in r]
+        assert len(steps) > 3 and cfg.adv_weight == weight
+        for r in steps:
+            assert r["loss"] == pytest.approx((1 - weight) * r["rec"] + weight * r.get("adv", 0.0), rel=1e-6)
+
+
+def test_discriminator_sees_the_region_only(tmp_path, monkeypatch):
+    """D's input is never the context (paper Sec. 3.2): real and painted images times the region, 0 outside the
+    central 16 px, in D's step (real, painted) and in F's adversarial term (painted)."""
+    inputs = []
+
+    class RecordedD(inpainting.Discriminator):
+        def forward(self, x):
+            inputs.append(x.detach().clone())
+            return super().forward(x)
+
+    monkeypatch.setattr(inpainting, "Discriminator", RecordedD)
+    inpainting.train(tiny(inpainting.Config, tmp_path, max_steps=1, probe_epochs=0, **JOINT))
+    region = inpainting.central_region(1, 32)
+    assert len(inputs) == 3 and all((x * (1 - region) == 0).all() and (x * region != 0).any() for x in inputs)
+
+
+def test_adversarial_term_alone_moves_f(tmp_path, monkeypatch):
+    """adv_weight=1 (no L2): F learns only from -log D(F(x)), so the gradient must reach F through D; F's step
+    then moves every parameter of F (Adam leaves a parameter with a zero gradient where it is)."""
+    nets = []
+
+    class RecordedF(inpainting.ContextEncoder):
+        def __init__(self, *args):
+            super().__init__(*args)
+            nets.append((self, [p.detach().clone() for p in self.parameters()]))
+
+    monkeypatch.setattr(inpainting, "ContextEncoder", RecordedF)
+    inpainting.train(tiny(inpainting.Config, tmp_path, max_steps=1, probe_epochs=0, **{**JOINT, "adv_weight": 1.0}))
+    (net, before), = nets
+    assert all(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
 def test_f_lr_is_ten_times_d_lr_under_the_joint_loss_only(smoke_features, smoke_joint, tmp_path):

@@ -153,6 +153,21 @@ def test_jigsaw_view_shapes_and_labels(tmp_path):
     assert labels.min() >= 0 and labels.max() < cfg.n_perms
 
 
+def test_jigsaw_view_flips_about_half_the_images(tmp_path, monkeypatch):
+    """With the whole image as the crop (crop_min=1) and no grey puzzles, the image the tiles are cut from is the
+    image, mirrored left-right or not, per image."""
+    torch.manual_seed(0)
+    seen, real_cut = [], jigsaw.cut_tiles
+    monkeypatch.setattr(jigsaw, "cut_tiles", lambda x, *a, **k: seen.append(x) or real_cut(x, *a, **k))
+    cfg = tiny(jigsaw.Config, tmp_path, crop_min=1.0, gray_prob=0.0, **SMALL)
+    x = (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8)
+    jigsaw.jigsaw_view(x, jigsaw.make_permutations(cfg.n_perms, 0), cfg)
+    plain = x.float() / 255
+    same = [torch.allclose(o, p, atol=1e-5) for o, p in zip(seen[0], plain)]
+    mirrored = [torch.allclose(o, p.flip(-1), atol=1e-5) for o, p in zip(seen[0], plain)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+
+
 # ------------------------------------------------------------------------------------- model, loss
 
 

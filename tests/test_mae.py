@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
@@ -86,6 +87,39 @@ def test_position_embeddings_are_fixed_2d_sincos():
     expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega),
                           torch.sin(row * omega), torch.cos(row * omega)])
     torch.testing.assert_close(pe[1 + 5], expected)
+
+
+def test_encoder_and_decoder_know_where_each_patch_lies():
+    """Fixed position embeddings enter the encoder (before masking) and the decoder: without them a transformer is
+    blind to order, and shuffling the patches (or the decoder's tokens) would only shuffle the outputs."""
+    model = tiny_mae().eval()
+    patches, perm = mae.patchify(torch.randn(2, 3, 16, 16), 4), torch.randperm(16)
+    ids = torch.arange(16).expand(2, -1)  # nothing removed: image order
+    with torch.no_grad():
+        h = model.forward_encoder(patches, 0.0)[0]
+        h_perm = model.forward_encoder(patches[:, perm], 0.0)[0]
+        assert not torch.allclose(h_perm[:, 1:], h[:, 1:][:, perm], atol=1e-3)
+        pred = model.forward_decoder(h, ids)
+        pred_perm = model.forward_decoder(torch.cat([h[:, :1], h[:, 1:][:, perm]], 1), ids)
+        assert not torch.allclose(pred_perm, pred[:, perm], atol=1e-3)
+
+
+def test_decoder_puts_every_token_back_in_its_own_place():
+    """With the decoder's blocks made identities (residual branches zeroed) each prediction reads one token: changing
+    the first visible token changes the prediction of the patch it came from (ids_restore's unshuffle), no other."""
+    model = tiny_mae().eval()
+    for block in model.decoder_blocks:
+        for layer in (block.self_attn.out_proj, block.linear2):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        h, mask, ids_restore = model.forward_encoder(mae.patchify(torch.randn(4, 3, 16, 16), 4), 0.75)
+        changed = h.clone()
+        changed[:, 1] += 1  # the first visible token (token 0 is the cls token)
+        moved = (model.forward_decoder(changed, ids_restore) - model.forward_decoder(h, ids_restore)).abs().amax(-1) > 0
+    first = ids_restore.argsort(1)[:, 0]  # (B,): the patch the first visible token came from
+    assert torch.equal(moved, F.one_hot(first, 16).bool()) and (mask.gather(1, first[:, None]) == 0).all()
 
 
 def test_weight_decay_spares_only_biases_and_norms_as_the_official_code():

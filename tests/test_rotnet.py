@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
 
+import common
 import rotnet
 
 # ------------------------------------------------------------------------------------ rotations
@@ -63,6 +64,39 @@ def test_random_crop_is_a_window_of_the_zero_padded_image():
         offsets.add(hits[0])
     assert len(offsets) > 4  # offsets vary per image
     assert torch.equal(rotnet.random_crop(x, 0), x)
+
+
+def test_rotnet_view_flips_about_half_the_images(tmp_path):
+    """Without the crop (crop_pad=0) the view is the normalized image, mirrored left-right or not, per image."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = rotnet.rotnet_view(x, tiny(rotnet.Config, tmp_path, crop_pad=0))
+    plain = common.normalize(common.to_float(x))
+    same = [torch.allclose(o, p) for o, p in zip(out, plain)]
+    mirrored = [torch.allclose(o, p.flip(-1)) for o, p in zip(out, plain)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+
+
+def test_rotation_accuracy_shows_the_four_rotations_equally_often():
+    """pretext_top1 turns test image i (not image 0) by i % 4 quarter turns: a model that always answers 0 scores
+    exactly 1/4, one that reads the turn off a marked corner (k turns move the top-left to TL, BL, BR, TR) 1."""
+    x = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    x[1:, :, 0, 0] = 255  # a white top-left corner on black; image 0, all black, reads as turn 0 (its own)
+    y = torch.zeros(8, dtype=torch.long)
+    rt = common.Runtime(0, 1, torch.device("cpu"), torch.float32, False)
+    data = common.Data("corner", (x, y), (x, y), (x, y), ["0"], rt, 8, 0)
+
+    class Corner(torch.nn.Module):
+        def __init__(self, oracle):
+            super().__init__()
+            self.oracle = oracle
+
+        def forward(self, im):  # (b, 4) logits
+            corners = torch.stack([im[:, 0, 0, 0], im[:, 0, -1, 0], im[:, 0, -1, -1], im[:, 0, 0, -1]], 1)
+            return corners if self.oracle else torch.eye(4)[[0] * len(im)]
+
+    assert rotnet.rotation_accuracy(Corner(False), data, rt, 32) == 0.25
+    assert rotnet.rotation_accuracy(Corner(True), data, rt, 32) == 1.0
 
 
 # ---------------------------------------------------------------------------------------- model

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import (ROOT, assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run)
+                      assert_smoke_run, few_test_images, tiny)
 
 import common
 import splitbrain
@@ -89,6 +89,16 @@ def test_targets_of_a_flat_colour_image():
     assert (ab_t == torch.cdist(torch.tensor([[a, b]]), bins).argmin()).all()
 
 
+def test_targets_are_those_of_the_4x4_averages():
+    """The targets on the prediction grid quantize the mean L and ab of each 4 x 4 block (the table), not one pixel."""
+    lab = torch.zeros(1, 3, 4, 4)
+    lab[:, 0] = torch.tensor([10.0, 30.0]).repeat(8).view(4, 4)  # L alternates 10, 30: mean 20, bin 10 of 50
+    lab[:, 1] = torch.tensor([0.0, 40.0]).repeat(8).view(4, 4)  # a alternates 0, 40: mean 20; b = 0
+    bins = common.ab_bins(10.0)
+    ab_t, l_t = splitbrain.lab_targets(lab, bins, 50)
+    assert l_t.tolist() == [[[10]]] and bins[ab_t.item()].tolist() == [20.0, 0.0]
+
+
 # ------------------------------------------------------------------------------------------- loss
 
 
@@ -105,6 +115,17 @@ def test_loss_hand_computed():
     # each half's cross-entropy summed over the 3 x 3 pixels of an image (paper Eq. 2), averaged over the 2 images
     expected = 9 * (F.cross_entropy(a, ta) + F.cross_entropy(b, tb))
     torch.testing.assert_close(splitbrain.split_brain_loss(a, ta, b, tb), expected)
+
+
+def test_loss_gradient_reaches_both_halves():
+    """d loss / d logits is (softmax - 1-hot) / B at every pixel of each half: both halves learn (Eq. 2-3)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 229, 3, 3, requires_grad=True), torch.randn(2, 50, 3, 3, requires_grad=True)
+    ta, tb = torch.randint(229, (2, 3, 3)), torch.randint(50, (2, 3, 3))
+    splitbrain.split_brain_loss(a, ta, b, tb).backward()
+    for logits, t, n in [(a, ta, 229), (b, tb, 50)]:
+        expected = (logits.detach().softmax(1) - F.one_hot(t, n).permute(0, 3, 1, 2)) / 2  # 2 images
+        torch.testing.assert_close(logits.grad, expected)
 
 
 def test_annealed_mean_limits():
@@ -152,3 +173,33 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(splitbrain, "split_brain_loss", monkeypatch, tmp_path)
+
+
+def test_training_targets_are_those_of_the_view_the_halves_see(tmp_path, monkeypatch):
+    """Inside train(): the targets are lab_targets of the very augmented view (crop, flip) the model reads."""
+    views, seen = [], []
+    real_view, real_loss = splitbrain.splitbrain_view, splitbrain.split_brain_loss
+    monkeypatch.setattr(splitbrain, "splitbrain_view", lambda x, cfg: views.append(real_view(x, cfg)) or views[-1])
+    monkeypatch.setattr(splitbrain, "split_brain_loss",
+                        lambda a, ta, b, tb: seen.append((ta, tb)) or real_loss(a, ta, b, tb))
+    splitbrain.train(tiny(splitbrain.Config, tmp_path, max_steps=1, probe_epochs=0))
+    (view,), ((ab_t, l_t),) = views, seen
+    want_ab, want_l = splitbrain.lab_targets(common.rgb_to_lab(view), common.ab_bins(), 50)
+    assert torch.equal(ab_t, want_ab) and torch.equal(l_t, want_l)
+
+
+def test_pretext_metrics_of_a_perfect_predictor(tmp_path):
+    """Logits 1-hot on each half's true bins (those of the test images' 4 x 4 averages): ab_top1 = l_top1 = 1."""
+    cfg = tiny(splitbrain.Config, tmp_path)
+    rt = common.setup(cfg)
+    with few_test_images(64):
+        data = common.load_data(cfg, rt)
+    bins = common.ab_bins(cfg.grid)
+    truth = [splitbrain.lab_targets(splitbrain.lab_at(x, 32), bins, 50) for x, _ in data.eval_batches("test", 500)]
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x):  # (ab logits, L logits), each 1-hot on the truth
+            return tuple(F.one_hot(t, n).permute(0, 3, 1, 2).float() for t, n in zip(truth.pop(0), (len(bins), 50)))
+
+    got = splitbrain.pretext_metrics(Oracle(), data, bins, 50, rt, 32)
+    assert not truth and got == {"ab_top1": 1.0, "l_top1": 1.0}
