@@ -4,6 +4,7 @@ the method-file contract (DESIGN.md) that every method's tests run the same way.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -152,6 +153,32 @@ def evaluation_inputs(module, cfg, monkeypatch):
     with few_test_images():
         module.train(cfg)
     return got["model"], got["features"], got["data"]
+
+
+def assert_features_and_encoder_are_the_backbone(module, cfg, monkeypatch):
+    """The three evaluations score model.backbone's pooled output of the normalized image (not a head's, not a
+    target's or key encoder's), in eval mode, and encoder.pt holds exactly that backbone's weights."""
+    common = module.common
+    model, features, data = evaluation_inputs(module, cfg, monkeypatch)
+    x = data.test[0][:8]
+    model.eval()  # as common.evaluate runs it
+    with torch.no_grad():
+        torch.testing.assert_close(features(x), model.backbone(common.normalize(common.to_float(x))))
+    encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)
+    trained = model.backbone.state_dict()
+    assert encoder.keys() == trained.keys() and all(torch.equal(encoder[k], trained[k]) for k in trained)
+
+
+def assert_warmup_then_cosine(module, tmp_path, **overrides):
+    """The logged lr of a run of 3 epochs of 4 steps, 1 of them warmup, stopped after 6 steps: linear from 0 over
+    warmup_epochs x steps per epoch, then the cosine over the run's epochs: 0, lr/4, lr/2, 3lr/4, lr,
+    lr (1 + cos(pi/8)) / 2, with lr the base lr x 32 / 256."""
+    cfg = tiny(module.Config, tmp_path, subset=128, batch_size=32, epochs=3, warmup_epochs=1, max_steps=6,
+               log_every=1, probe_epochs=0, **overrides)
+    module.train(cfg)
+    lrs = [json.loads(line)["lr"] for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
+    lr = cfg.lr * 32 / 256
+    assert lrs == pytest.approx([0, lr / 4, lr / 2, 3 * lr / 4, lr, lr * (1 + math.cos(math.pi / 8)) / 2])
 
 
 def assert_features_see_image_size(module, tmp_path, monkeypatch, expected):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
 
 import barlow
 import common
@@ -192,3 +193,20 @@ def test_training_minimizes_the_scaled_loss_of_asymmetric_views_down_to_the_fina
     assert [r["loss"] for r in log] == pytest.approx([0.1 * loss.item() for loss in losses], rel=1e-6)
     lr = cfg.lr * cfg.batch_size / 256
     assert [r["lr"] for r in log] == pytest.approx([common.cosine_lr(k, 3, 0, lr, final_lr=0.5 * lr) for k in range(3)])
+
+
+# ---------------------------------------------------------------------- schedule, evaluated features
+
+
+def test_lr_warms_up_over_warmup_epochs_then_follows_the_cosine_of_all_the_epochs(tmp_path):
+    """P 2.2 and C main.py adjust_learning_rate (warmup_steps = 10 x len(loader)): linear warmup from 0 over
+    warmup_epochs x steps per epoch, then cosine at epochs x steps per epoch. 4 steps per epoch, 3 epochs, 1 of warmup,
+    stopped after 6 steps, final lr 0 (S)."""
+    assert_warmup_then_cosine(barlow, tmp_path, **FAST)
+
+
+def test_evaluated_features_and_encoder_pt_are_the_backbones_h(tmp_path, monkeypatch):
+    """P 3.1 (linear evaluation on the frozen ResNet's output): the three evaluations score the backbone's pooled h,
+    not the projector's output, and encoder.pt holds that backbone."""
+    cfg = tiny(barlow.Config, tmp_path, max_steps=2, probe_epochs=0, **FAST)
+    assert_features_and_encoder_are_the_backbone(barlow, cfg, monkeypatch)

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
 
 import byol
 import common
@@ -195,3 +196,38 @@ def test_a_training_step_swaps_the_views_and_moves_the_whole_target_by_the_sched
     m, tau = outs[0][0], [byol.target_tau(k, 4, cfg.tau_base) for k in range(2)]
     assert emas == [(m.target_backbone, m.backbone, tau[0]), (m.target_projector, m.projector, tau[0]),
                     (m.target_backbone, m.backbone, tau[1]), (m.target_projector, m.projector, tau[1])]
+
+
+# ------------------------------------------------------------- schedule, heads, defaults, evaluated features
+
+
+def test_lr_warms_up_over_warmup_epochs_then_follows_the_cosine_of_all_the_epochs(tmp_path):
+    """Paper Sec. 3.3 and S (warmup_cosine): linear warmup from 0 over warmup_epochs x steps per epoch, then cosine
+    to 0 at epochs x steps per epoch. 4 steps per epoch, 3 epochs, 1 of warmup, stopped after 6 steps."""
+    assert_warmup_then_cosine(byol, tmp_path, proj_hidden=64)
+
+
+def test_projector_and_predictor_are_fc_bn_relu_fc_with_an_output_bias():
+    """Paper Sec. 3.3: fc (proj_hidden), BN, ReLU, fc (proj_dim), for g and q alike; the output fc keeps its bias as
+    S's (docstring table: "MLP output layer: a bias (S)")."""
+    model = byol.BYOL("tiny", True, 64, 32)  # the tiny trunk: 128 wide
+    for net, d_in in [(model.projector, 128), (model.predictor, 32)]:
+        assert [type(m) for m in net] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+        assert [(m.in_features, m.out_features) for m in net[::3]] == [(d_in, 64), (64, 32)]
+        assert net[0].bias is not None and net[3].bias is not None
+
+
+def test_defaults_are_solo_learns_cifar_recipe():
+    """S scripts/pretrain/cifar/byol.yaml (docstring table): projector and predictor 4096 hidden, 256 out, base_tau
+    0.99, LARS lr 1.0 per 256 (eta 0.02, clip_lr), weight decay 1e-5, batch 256, 1000 epochs, 10 warmup epochs."""
+    cfg = byol.Config()
+    recipe = dict(proj_hidden=4096, proj_dim=256, tau_base=0.99, lr=1.0, lars_form="larc", lars_eta=0.02,
+                  lars_clip=True, weight_decay=1e-5, batch_size=256, epochs=1000, warmup_epochs=10, blur=False)
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
+
+
+def test_evaluated_features_and_encoder_pt_are_the_online_backbones(tmp_path, monkeypatch):
+    """Paper Sec. 3.1 ("at the end of training ... only keep the encoder f_theta"; App. C.1 on y = f_theta): the
+    three evaluations score the ONLINE backbone, not the target's, and encoder.pt holds it."""
+    cfg = tiny(byol.Config, tmp_path, max_steps=2, probe_epochs=0, proj_hidden=64)
+    assert_features_and_encoder_are_the_backbone(byol, cfg, monkeypatch)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
 
 import clip
 import common
@@ -282,3 +283,59 @@ def test_adamw_lr_is_scaled_by_the_batch_and_decays_weights_only(tmp_path):
     assert groups["weights"]["lr"] == groups["biases"]["lr"] == pytest.approx(cfg.lr * 32 / 256)  # no warmup: step 0
     assert groups["weights"]["weight_decay"] == cfg.weight_decay and groups["biases"]["weight_decay"] == 0.0
     assert len(groups["weights"]["params"]) + len(groups["biases"]["params"]) == len(list(small_clip().parameters()))
+
+
+# ------------------------------------------- demo captions, zero-shot, schedule, results, evaluated features
+
+
+def test_demo_captions_draw_a_template_per_image_and_per_step():
+    """Docstring (--captions=classes): each image's caption is its class name in a template drawn at random per
+    image and per step: over 128 images of 2 classes every one of the 8 templates appears, each with the right name."""
+    torch.manual_seed(0)
+    prompts, y = clip.prompt_tokens(["cat", "dog"], 77), torch.tensor([0, 1] * 64)
+    first, second = clip.class_captions(y, prompts), clip.class_captions(y, prompts)
+    texts = clip.detokenize(first)
+    assert all(t.endswith("cat." if c == 0 else "dog.") for t, c in zip(texts, y.tolist()))
+    assert set(texts) == {t.format(c) for t in clip.TEMPLATES for c in ("cat", "dog")}
+    assert not torch.equal(first, second)  # another draw at the next step
+
+
+def test_zero_shot_scores_the_test_images_against_each_classs_prompt_ensemble(tmp_path):
+    """P Sec. 3.1.4: a class's embedding is the renormalized mean of its templates' normalized text embeddings, scored
+    on --dataset's TEST images. Template 0 points each class at the other one, the 7 others at the right one: the
+    ensemble gets every test image right, template 0 alone none; the training images carry the opposite labels."""
+    class Towers(torch.nn.Module):  # dark image -> (1, 0), bright -> (0, 1); prompt row t*2 + c -> e_c (t = 0: e_1-c)
+        def encode_image(self, x):
+            return torch.stack([-x.mean((1, 2, 3)), x.mean((1, 2, 3))], 1)
+
+        def encode_text(self, tokens):
+            c, t = torch.arange(len(tokens)) % 2, torch.arange(len(tokens)) // 2
+            return F.one_hot(torch.where(t == 0, 1 - c, c), 2).float()
+
+    x, y = torch.zeros(8, 3, 4, 4, dtype=torch.uint8), (torch.arange(8) >= 4).long()
+    x[4:] = 255
+    rt = common.setup(tiny(clip.Config, tmp_path))
+    data = common.Data("toy", (x, y), (x, 1 - y), (x, y), ["a", "b"], rt, 4, 0)
+    assert clip.zero_shot_top1(Towers(), clip.prompt_tokens(["a", "b"], 77), data, rt) == 1.0
+
+
+def test_lr_warms_up_over_warmup_epochs_then_follows_the_cosine_of_all_the_epochs(tmp_path):
+    """P Sec. 2.5 (warmup, then cosine; here warmup_epochs x steps per epoch for its 2000 steps): linear from 0,
+    then cosine to 0 at epochs x steps per epoch. 4 steps per epoch, 3 epochs, 1 of warmup, stopped after 6 steps."""
+    assert_warmup_then_cosine(clip, tmp_path, **TEXT)
+
+
+def test_results_report_the_learned_logit_scale_not_its_log(tmp_path):
+    """results.json's logit_scale is the multiplier exp(log_logit_scale) after the last step (1/0.07 ~ 14.3 at init,
+    P Sec. 2.5), not the learned log (~2.66)."""
+    cfg = tiny(clip.Config, tmp_path, max_steps=2, probe_epochs=0, **TEXT)
+    results = clip.train(cfg)
+    scale = math.exp(load_ckpt(cfg)["model"]["log_logit_scale"].item())
+    assert results["logit_scale"] == pytest.approx(scale, abs=1e-3) and scale > 10
+
+
+def test_evaluated_features_and_encoder_pt_are_the_image_trunks_h(tmp_path, monkeypatch):
+    """Docstring: knn_top1, probe_top1 and linear_top1 score the image tower's pooled trunk output h, before the
+    projection to the joint space (P App. A.3 probes the image encoder); encoder.pt holds that trunk alone."""
+    cfg = tiny(clip.Config, tmp_path, max_steps=2, probe_epochs=0, **TEXT)
+    assert_features_and_encoder_are_the_backbone(clip, cfg, monkeypatch)

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, load_ckpt, tiny)
 
 import common
 import moco
@@ -299,3 +300,39 @@ def test_a_symmetric_step_sums_both_losses_of_unit_queries_at_the_scaled_lr(tmp_
     assert len(seen) == 2 and all(torch.allclose(q.norm(dim=1), torch.ones(len(q))) for q, _ in seen)
     assert record["loss"] == pytest.approx(seen[0][1] + seen[1][1], rel=1e-6)
     assert record["lr"] == pytest.approx(cfg.lr * cfg.batch_size / 256)  # no warmup: the base lr at step 0
+
+
+# ------------------------------------------------- the resumed pointer, the head, defaults, evaluated features
+
+
+def test_resume_restores_the_queue_pointer(tmp_path):
+    """Stopped after 4 steps of 64 keys in a queue of 192, the oldest key sits at row 64: the resumed run must write
+    its keys there (a pointer restarted at 0 would overwrite the newest keys and keep the oldest)."""
+    assert_resumes_exactly(moco, tmp_path, queue_size=192)
+    assert load_ckpt(tiny(moco.Config, tmp_path / "b", queue_size=192))["queue_ptr"] == 8 * 64 % 192
+
+
+def test_v2_head_is_fc_relu_fc_with_a_trunk_wide_hidden_layer():
+    """C builder.py (--mlp): dim_mlp = the trunk's width, fc (dim_mlp -> dim_mlp), ReLU, fc (dim_mlp -> 128), with
+    biases (docstring: "MLP, trunk-wide"); the tiny trunk is 128 wide."""
+    head = moco.MoCoEncoder("tiny", True, 16, mlp=True, bn_group_size=8).head
+    assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(128, 128), (128, 16)]
+    assert head[0].bias is not None and head[2].bias is not None
+
+
+def test_defaults_are_the_cifar10_demos():
+    """colab/moco_cifar10_demo.ipynb: moco_k 4096, moco_m 0.99, moco_t 0.1, bn_splits 8, lr 0.06 at batch 512,
+    weight decay 5e-4, moco_dim 128, asymmetric loss, crops of area (0.08, 1), cosine without warmup; 800 epochs (its
+    table)."""
+    cfg = moco.Config()
+    recipe = dict(queue_size=4096, key_momentum=0.99, temperature=0.1, bn_splits=8, batch_size=512, weight_decay=5e-4,
+                  proj_dim=128, symmetric=False, crop_min=0.08, warmup_epochs=0, epochs=800, arch="resnet18")
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
+    assert cfg.lr * cfg.batch_size / 256 == pytest.approx(0.06)
+
+
+def test_evaluated_features_and_encoder_pt_are_the_query_encoders_backbone(tmp_path, monkeypatch):
+    """P v1 Sec. 4.1 (frozen pool5 of the query encoder f_q; docstring: h of f_q, not the head's output): the three
+    evaluations score f_q's backbone, not the lagging key encoder's, and encoder.pt holds that backbone."""
+    cfg = tiny(moco.Config, tmp_path, subset=128, queue_size=128, max_steps=2, probe_epochs=0)
+    assert_features_and_encoder_are_the_backbone(moco, cfg, monkeypatch)

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, cifar10_dir,
-                      first_test_images, tiny)
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, assert_warmup_then_cosine, cifar10_dir, first_test_images, load_ckpt, tiny)
 
 import common
 import simclr
@@ -181,3 +181,37 @@ def test_lars_lr_is_scaled_by_the_batch_and_spares_biases_and_bn(tmp_path):
     assert groups["weights"]["weight_decay"] == cfg.weight_decay and not groups["weights"]["lars_exclude"]
     assert groups["biases"]["weight_decay"] == 0.0 and groups["biases"]["lars_exclude"]
     assert {g["form"] for g in opt["param_groups"]} == {"simclr"}
+
+
+# -------------------------------------------------------------------- schedule, head, evaluated features
+
+
+def test_lr_warms_up_over_warmup_epochs_then_follows_the_cosine_of_all_the_epochs(tmp_path):
+    """C model_util.py: linear warmup from 0 over warmup_epochs x steps per epoch, then cosine to 0 at epochs x steps
+    per epoch, wherever max_steps stops the run. 4 steps per epoch, 3 epochs, 1 of warmup, stopped after 6 steps."""
+    assert_warmup_then_cosine(simclr, tmp_path)
+
+
+def test_max_steps_beyond_the_epochs_ends_the_run_with_the_epochs(tmp_path):
+    """max_steps only shortens a run: 1 epoch of 4 steps with max_steps=10 stops after step 4."""
+    cfg = tiny(simclr.Config, tmp_path, subset=128, batch_size=32, max_steps=10, probe_epochs=0)
+    assert simclr.train(cfg)["steps"] == 4 and load_ckpt(cfg)["step"] == 4
+
+
+def test_head_is_fc_bn_relu_fc_bn_and_its_last_bn_scales_but_never_shifts():
+    """C model_util.py (v1 head, as the docstring says): fc (trunk width), BN, ReLU, fc (proj_dim), BN, no fc biases;
+    the last BN has no shift (center=False): its bias is left out of the optimizer's groups, its scale is in."""
+    model = simclr.SimCLR("tiny", True, 16)  # the tiny trunk: 128 wide
+    assert [type(m) for m in model.projector] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    fcs = [(m.in_features, m.out_features, m.bias) for m in model.projector[::3]]
+    assert fcs == [(128, 128, None), (128, 16, None)]
+    trained = {id(p) for g in common.param_groups(model, 1e-6) for p in g["params"]}
+    last = model.projector[4]
+    assert id(last.weight) in trained and id(last.bias) not in trained and id(model.projector[1].bias) in trained
+
+
+def test_evaluated_features_and_encoder_pt_are_the_backbones_h(tmp_path, monkeypatch):
+    """Paper Sec. 2.1: after training g is thrown away and h = f(x) is the representation: the three evaluations
+    score the backbone's pooled output (not g's), and encoder.pt holds f alone, as trained."""
+    cfg = tiny(simclr.Config, tmp_path, max_steps=2, probe_epochs=0)
+    assert_features_and_encoder_are_the_backbone(simclr, cfg, monkeypatch)

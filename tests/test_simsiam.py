@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
 
 import common
 import simsiam
@@ -188,3 +189,38 @@ def test_a_training_step_crosses_the_views_and_decays_every_parameter(tmp_path, 
     simsiam.train(cfg)
     assert len(outs) == len(args) == 1 and all(a is o for a, o in zip(args[0], outs[0], strict=True))
     assert [g["weight_decay"] for g in load_ckpt(cfg)["opt"]["param_groups"]] == [cfg.weight_decay] * 2
+
+
+# ------------------------------------------------------------ schedule, projector, defaults, evaluated features
+
+
+def test_lr_warms_up_over_warmup_epochs_then_follows_the_cosine_of_all_the_epochs(tmp_path):
+    """--warmup_epochs (the paper warms up only for batches >= 1024: the Config's comment): linear from 0 over
+    warmup_epochs x steps per epoch, then cosine to 0 at epochs x steps per epoch (P App. D). 4 steps per epoch,
+    3 epochs, 1 of warmup, stopped after 6 steps."""
+    assert_warmup_then_cosine(simsiam, tmp_path, **SMALL)
+
+
+def test_two_layer_projector_is_fc_bn_relu_fc_bn_without_biases():
+    """App. D (CIFAR: 2 fc layers) and Sec. 3 / C builder.py: BN on every fc, the output's included, ReLU on the
+    hidden layer only, fc without biases."""
+    projector = simsiam.SimSiam("tiny", True, 2, 64, 32, 8).projector  # the tiny trunk: 128 wide
+    types = [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear, torch.nn.BatchNorm1d]
+    assert [type(m) for m in projector] == types
+    assert [(m.in_features, m.out_features, m.bias) for m in projector[::3]] == [(128, 64, None), (64, 32, None)]
+
+
+def test_defaults_are_the_papers_cifar_recipe():
+    """App. D: SGD, base lr 0.03 (x batch / 256), batch 512, weight decay 5e-4, 800 epochs, cosine without warmup,
+    2 projector layers of 2048-d output; the predictor's hidden layer d/4 = 512 (Sec. 3)."""
+    cfg = simsiam.Config()
+    recipe = dict(lr=0.03, batch_size=512, weight_decay=5e-4, epochs=800, warmup_epochs=0, proj_layers=2,
+                  proj_dim=2048, proj_hidden=2048, pred_hidden=512, fix_pred_lr=True, blur=False)
+    assert {k: getattr(cfg, k) for k in recipe} == recipe
+
+
+def test_evaluated_features_and_encoder_pt_are_the_backbones_h(tmp_path, monkeypatch):
+    """Docstring (and P App. D, the kNN monitor and linear evaluation on the backbone): the three evaluations score
+    the backbone's pooled h, before the projection MLP, and encoder.pt holds that backbone."""
+    cfg = tiny(simsiam.Config, tmp_path, max_steps=2, probe_epochs=0, **SMALL)
+    assert_features_and_encoder_are_the_backbone(simsiam, cfg, monkeypatch)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, load_ckpt, tiny
+from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
 
 import common
 import swav
@@ -298,3 +299,41 @@ def test_prototypes_are_frozen_for_exactly_the_first_epochs(tmp_path, monkeypatc
     torch.testing.assert_close(calls[2][1], init, atol=1e-6, rtol=0)  # seen by step 2's forward: not moved yet
     moved = (load_ckpt(cfg)["model"]["prototypes.weight"] - init).abs().max()
     assert moved > 1e-5  # step 2 moved them (by ~5e-5 at this lr; a frozen step's renormalization: ~1e-7)
+
+
+# ----------------------------------------------- multi-crop, queue start, schedule, evaluated features
+
+
+def test_small_crops_are_small_crop_size_of_area_small_crop_min_to_max(monkeypatch):
+    """P Sec. 3.2, A.2 (C main_swav.py: size_crops 224 96, min_scale_crops 0.14 0.05, max_scale_crops 1 0.14): the 2
+    global crops at image_size of area (crop_min, 1), the n_small_crops at small_crop_size of their own areas."""
+    calls, real = [], common.random_resized_crop
+    monkeypatch.setattr(common, "random_resized_crop",
+                        lambda x, size, scale: calls.append((len(x), size, scale)) or real(x, size, scale))
+    cfg = swav.Config(n_small_crops=3, small_crop_size=12, small_crop_min=0.06, small_crop_max=0.2)
+    big, small = swav.swav_views(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), cfg)
+    assert calls == [(8, 32, (0.08, 1.0)), (12, 12, (0.06, 0.2))]  # 2 x 4 global crops, 3 x 4 small ones
+    assert big.shape == (8, 3, 32, 32) and small.shape == (12, 3, 12, 12)
+
+
+def test_queue_joins_the_codes_from_queue_start_epoch_counted_in_epochs(tmp_path, monkeypatch):
+    """queue_start_epoch=1 at 4 steps per epoch: the queue (2 batches, full after step 2) joins the codes at step 4,
+    the first of epoch 1 (P A.6 and S: the queue is used from an epoch on), not at step 2."""
+    rows = record_sinkhorn_rows(monkeypatch)
+    cfg = tiny(swav.Config, tmp_path, subset=128, batch_size=32, epochs=2, max_steps=6, queue_size=64,
+               queue_start_epoch=1, probe_epochs=0)
+    swav.train(cfg)
+    assert rows == [32] * 8 + [32 + 64] * 4  # 2 codes a step: steps 0-3 on the batch alone, 4-5 with the queue
+
+
+def test_lr_warms_up_over_warmup_epochs_then_follows_the_cosine_of_all_the_epochs(tmp_path):
+    """P A.1 and S (warmup_cosine): linear warmup from 0 over warmup_epochs x steps per epoch, then cosine at epochs x
+    steps per epoch, to 0 (S). 4 steps per epoch, 3 epochs, 1 of warmup, stopped after 6 steps."""
+    assert_warmup_then_cosine(swav, tmp_path)
+
+
+def test_evaluated_features_and_encoder_pt_are_the_backbones_h(tmp_path, monkeypatch):
+    """P A.3 (linear evaluation on the frozen trunk's pooled features): the three evaluations score the backbone's
+    h, not the projection head's output, and encoder.pt holds that backbone."""
+    cfg = tiny(swav.Config, tmp_path, max_steps=2, probe_epochs=0)
+    assert_features_and_encoder_are_the_backbone(swav, cfg, monkeypatch)
