@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, few_test_images, tiny)
+                      assert_smoke_run, few_test_images, load_ckpt, tiny)
 
 import colorization
 import common
@@ -296,3 +296,45 @@ def test_colour_auc_is_the_share_of_thresholds_0_to_150_each_pixel_meets(tmp_pat
     err = torch.cat([common.rgb_to_lab(common.to_float(x))[:, 1:].norm(dim=1) for x, _ in data.eval_batches("test", 9)])
     share = (err[..., None] <= torch.arange(151.0)).float().mean()  # (64, 32, 32, 151): pixels x thresholds
     assert len(err) == 64 and got == pytest.approx(share.item(), rel=1e-5)
+
+
+def test_defaults_are_the_documented_recipe():
+    """The docstring's table: ab grid 10 (P Sec. 2.1), soft encoding over the 5 nearest bins with sigma 5 (P, not C's
+    10), rebalancing lambda 1/2 and prior smoothing sigma 5 (P Eq. 4), annealed-mean T 0.38 (P Sec. 2.3), grey
+    threshold 5 (C NonGrayMaskLayer); Adam 1e-3 per 256 images, L2 1e-3 (P Sec. 3), batch 256, 200 epochs."""
+    cfg = colorization.Config()
+    assert (cfg.grid, cfg.neighbours, cfg.sigma, cfg.rebalance_lambda, cfg.rebalance_sigma) == (10, 5, 5, 0.5, 5)
+    assert (cfg.temperature, cfg.gray_threshold) == (0.38, 5)
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-3, 1e-3, 256, 200)
+
+
+def test_run_saves_the_trunk_alone_and_scores_the_auc_at_its_temperature(tmp_path, monkeypatch):
+    """encoder.pt is the 1-channel trunk, as trained (the checkpoint's backbone.*), without the head; the AuC of
+    results.json decodes the annealed mean at --temperature (P Sec. 2.3), as the PNGs do."""
+    temperatures, real_metrics = [], colorization.colour_metrics
+    monkeypatch.setattr(colorization, "colour_metrics", lambda *a: temperatures.append(a[4]) or real_metrics(*a))
+    cfg = tiny(colorization.Config, tmp_path, max_steps=1, probe_epochs=0, temperature=0.2)
+    with few_test_images():
+        colorization.train(cfg)
+    assert temperatures == [0.2]
+    encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)
+    trunk = {k.removeprefix("backbone."): v for k, v in load_ckpt(cfg)["model"].items() if k.startswith("backbone.")}
+    assert encoder.keys() == trunk.keys() and all(torch.equal(v, trunk[k]) for k, v in encoder.items())
+    assert encoder["0.weight"].shape[1] == 1  # conv1 reads L
+
+
+def test_png_rows_are_the_l_input_the_prediction_and_the_truth(tmp_path):
+    """save_colorizations: row 1 the L input (ab = 0), row 2 L with the predicted colours, row 3 the image. A
+    predictor of grey everywhere (all mass on the bin at ab = (0, 0)) paints row 2 as row 1."""
+    bins = common.ab_bins(10.0)
+
+    class Grey(torch.nn.Module):
+        def forward(self, L):
+            return ((bins == 0).all(1).float() * 1e4).view(1, -1, 1, 1).expand(len(L), -1, 8, 8)
+
+    x = common.make_synthetic(4, 32, seed=3)[0]
+    colorization.save_colorizations(Grey(), x, bins, 0.38, 32, str(tmp_path / "c.png"))
+    png = torchvision.io.read_image(str(tmp_path / "c.png"))  # 3 rows of 4 images of 32 px, 2 px padding
+    L_row, pred_row, truth_row = (png[:, 2 + 34 * r:34 * (r + 1), 2:34 * 4] for r in range(3))
+    assert torch.equal(pred_row, L_row) and not torch.equal(truth_row, L_row)
+    assert (truth_row[:, :, :32].int() - x[0].int()).abs().max() <= 1  # image 0, through Lab and back

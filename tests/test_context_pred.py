@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
+from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, tiny)
 
 import context_pred
 
@@ -193,6 +194,21 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(context_pred, "context_loss", monkeypatch, tmp_path, **SMALL)
+
+
+def test_defaults_are_the_documented_recipe():
+    """The docstring's "this file" column: CIFAR upsampled to 96 px (64 px leaves no grid slack), 14 px patches 7 px
+    apart (the paper's gap of half a patch), jitter +-2 px, fc6 512, fusion 1024, lr 0.1 at batch 128, 100 epochs."""
+    cfg = context_pred.Config()
+    assert (cfg.image_size, cfg.patch_size, cfg.gap, cfg.jitter) == (96, 14, 7, 2)
+    assert (cfg.patch_dim, cfg.hidden_dim, cfg.lr * cfg.batch_size / 256, cfg.epochs) == (512, 1024, 0.1, 100)
+
+
+def test_features_are_the_patch_encoder_on_the_whole_projected_normalized_image(tmp_path, monkeypatch):
+    """Evaluated features (docstring): the patch encoder f, globally pooled, not fc6, on the whole image upsampled to
+    image_size, its colours projected off green-magenta and normalized as one patch, as the pretext's patches."""
+    assert_features_see_image_size(context_pred, tmp_path, monkeypatch, lambda model, up: model.backbone(
+        context_pred.normalize_patch(context_pred.remove_green_magenta(up))))
 
 
 # ------------------------------------------------------------------------------------- learning

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
+from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, evaluation_inputs,
+                      few_test_images, load_ckpt, tiny)
 
 import common
 import cpc
@@ -260,3 +261,40 @@ def test_a_process_finds_its_positives_among_its_own_targets(tmp_path, monkeypat
         cpc.train(tiny(cpc.Config, tmp_path, max_steps=1, probe_epochs=0, **FAST))
     (targets, own_start, B), = seen
     assert len(targets) == 2 * B and (targets[own_start:own_start + B].abs().flatten(1).sum(1) > 0).all()
+
+
+def test_defaults_are_the_documented_recipe():
+    """The docstring's table: C's 7 x 7 grid of 8 px patches at stride 4 on 32 px images; P2 App. A's context net
+    (5 blocks, 256 wide), 64-d target space and emb_scale 0.1; steps 2..6 (pred_steps 5); crops of 30-100% of the
+    area; AdamW 2e-4 per 256 images, wd 1e-5, batch 256, warmup 10 then cosine, 300 epochs."""
+    cfg = cpc.Config()
+    assert (cfg.image_size, cfg.patch_size, cfg.patch_stride, cfg.context_blocks, cfg.context_dim) == (32, 8, 4, 5, 256)
+    assert (cfg.pred_steps, cfg.target_dim, cfg.emb_scale, cfg.crop_min) == (5, 64, 0.1, 0.3)
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.warmup_epochs, cfg.epochs) == (2e-4, 1e-5, 256, 10, 300)
+
+
+def test_features_average_the_codes_of_the_grids_patches(tmp_path, monkeypatch):
+    """Evaluated features (docstring, P1 Sec. 3.2): the patch encoder's z of each of the 7 x 7 patches (8 px, stride 4)
+    of the normalized image, each patch encoded alone, averaged over the grid."""
+    model, features, data = evaluation_inputs(cpc, tiny(cpc.Config, tmp_path, max_steps=1, probe_epochs=0, **FAST),
+                                              monkeypatch)
+    x = data.test[0][:4]  # uint8 (4, 3, 32, 32)
+    up = common.normalize(common.to_float(x))
+    with torch.no_grad():
+        z = torch.stack([model.encoder(up[:, :, 4 * i:4 * i + 8, 4 * j:4 * j + 8]) for i in range(7) for j in range(7)])
+        torch.testing.assert_close(features(x), z.mean(0))
+
+
+def test_run_warms_up_over_warmup_epochs_and_saves_the_patch_encoder_alone(tmp_path):
+    """The lr rises linearly from 0 over warmup_epochs epochs of steps (here 1 epoch of 8 steps) to 2e-4 * 64 / 256 =
+    5e-5: the record after step s holds 5e-5 * (s - 1) / 8. encoder.pt is the patch encoder as trained (the
+    checkpoint's encoder.*), without the context network, T and the W_k."""
+    cfg = tiny(cpc.Config, tmp_path, epochs=2, warmup_epochs=1, max_steps=8, probe_epochs=0, **FAST)
+    with few_test_images():
+        cpc.train(cfg)
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    lrs = {r["step"]: r["lr"] for r in log if "loss" in r}
+    assert lrs == pytest.approx({s: 5e-5 * (s - 1) / 8 for s in (1, 2, 4, 6, 8)})
+    encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)
+    trained = {k.removeprefix("encoder."): v for k, v in load_ckpt(cfg)["model"].items() if k.startswith("encoder.")}
+    assert encoder.keys() == trained.keys() and all(torch.equal(v, trained[k]) for k, v in encoder.items())

@@ -34,6 +34,14 @@ def test_defaults_are_the_feature_recipe():
     assert joint.mask == "center" and joint.overlap == 1 and joint.adv_weight == 0.001
 
 
+def test_defaults_are_the_official_recipe_scaled_to_32_px():
+    """The docstring's table: train.lua's DCGAN settings (batch 64, Adam beta1 0.5, D's first conv 64 wide as ndf,
+    500 epochs as niter, no weight decay) and band weight 10, on 32 px images with crops of 50-100% of the area."""
+    cfg = inpainting.Config()
+    assert (cfg.batch_size, cfg.beta1, cfg.d_width, cfg.epochs, cfg.weight_decay) == (64, 0.5, 64, 500, 0.0)
+    assert (cfg.overlap_weight, cfg.image_size, cfg.crop_min) == (10.0, 32, 0.5)
+
+
 # ------------------------------------------------------------------------------------------ masks
 
 
@@ -437,6 +445,24 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 def test_config_refuses_impossible_values(key, value):
     with pytest.raises(ValueError, match=f"--{key}"):
         inpainting.Config(**{key: value})
+
+
+def test_png_pastes_the_prediction_into_the_hole_only(tmp_path):
+    """The PNG's middle row (save_inpaintings): F's prediction pasted into the hole, the image elsewhere. An F that
+    paints black everywhere leaves a black hole in an otherwise untouched image."""
+    cfg = tiny(inpainting.Config, tmp_path, mask="center")
+    rt = common.setup(cfg)
+
+    class Black(nn.Module):
+        def forward(self, x):
+            return -torch.ones_like(x)  # tanh's -1: pixel value 0
+
+    x = common.make_synthetic(8, 32, seed=1)[0]
+    inpainting.save_inpaintings(Black(), x, torch.full((3,), 0.5), cfg, rt, "p.png")
+    png = torchvision.io.read_image(os.path.join(cfg.out_dir, "p.png"))
+    pasted, truth = png[:, 36:68, 2:34], png[:, 70:102, 2:34]  # test image 0: rows 2 and 3 of the first column
+    hole = inpainting.central_region(1, 32)[0, 0].bool()
+    assert (pasted[:, hole] == 0).all() and torch.equal(pasted[:, ~hole], truth[:, ~hole])
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
+from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, few_test_images, tiny)
 
 import jigsaw
 
@@ -215,6 +216,33 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(jigsaw, "jigsaw_loss", monkeypatch, tmp_path, **SMALL)
+
+
+def test_defaults_are_the_documented_recipe():
+    """The docstring's "this file" column: 64 px puzzle images of 21 px cells with 18 px tiles (the paper's 64 of 75),
+    channel shift <= 1 px and 30% grey puzzles (P Table 5), 100 permutations (C), fc6 512 and fc7 1024, and RotNet's
+    CIFAR optimizer: lr 0.1 at batch 128, wd 5e-4, 100 epochs."""
+    cfg = jigsaw.Config()
+    assert (cfg.image_size, cfg.tile_size, cfg.channel_jitter, cfg.gray_prob) == (64, 18, 1, 0.3)
+    assert (cfg.n_perms, cfg.tile_dim, cfg.hidden_dim) == (100, 512, 1024)
+    assert (cfg.lr * cfg.batch_size / 256, cfg.weight_decay, cfg.epochs) == (0.1, 5e-4, 100)
+
+
+def test_features_are_the_tile_encoder_on_the_whole_standardized_image(tmp_path, monkeypatch):
+    """Evaluated features (docstring): the tile encoder f, globally pooled, not fc6, on the whole un-tiled image
+    upsampled to image_size, each channel standardized as a tile's (P Table 5's per-tile normalization)."""
+    assert_features_see_image_size(jigsaw, tmp_path, monkeypatch,
+                                   lambda model, up: model.backbone(jigsaw.standardize(up)))
+
+
+def test_training_puzzles_come_from_the_permutation_set_of_its_seed(tmp_path, monkeypatch):
+    """Config: --seed picks the permutation set too: a run with seed 1 trains on make_permutations(n_perms, 1)."""
+    seen, real_view = [], jigsaw.jigsaw_view
+    monkeypatch.setattr(jigsaw, "jigsaw_view", lambda x, perms, cfg: seen.append(perms) or real_view(x, perms, cfg))
+    with few_test_images():
+        jigsaw.train(tiny(jigsaw.Config, tmp_path, seed=1, max_steps=1, probe_epochs=0, **SMALL))
+    assert torch.equal(seen[0], jigsaw.make_permutations(100, 1))
+    assert not torch.equal(seen[0], jigsaw.make_permutations(100, 0))
 
 
 # ------------------------------------------------------------------------------------- learning

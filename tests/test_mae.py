@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
+from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, evaluation_inputs,
+                      few_test_images, load_ckpt, tiny)
 
 import common
 import mae
@@ -217,3 +218,44 @@ def test_evaluations_and_pngs_read_images_at_image_size_not_the_datasets(tmp_pat
     assert results["test_loss"] > 0
     png = torchvision.io.read_image(os.path.join(cfg.out_dir, "reconstruction_final.png"))
     assert png.shape == (3, 3 * 18 + 2, 8 * 18 + 2)  # 16 px images, 2 px padding
+
+
+def test_defaults_are_the_documented_recipe():
+    """The docstring's table: 75% of the patches removed (P Sec. 4.1), normalized-pixel targets (P Tab. 1d), crops
+    of 20-100% of the area (C); as I: ViT-Tiny on 4 px patches, a decoder of 4 blocks 192 wide with 3 heads, batch
+    4096, AdamW 1.5e-4 per 256 images, 2000 epochs with 200 of warmup; weight decay 0.05 (C)."""
+    cfg = mae.Config()
+    assert (cfg.mask_ratio, cfg.norm_pix_loss, cfg.crop_min) == (0.75, True, 0.2)
+    assert (cfg.arch, cfg.patch_size) == ("vit_tiny", 4)
+    assert (cfg.decoder_depth, cfg.decoder_dim, cfg.decoder_heads) == (4, 192, 3)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.weight_decay) == (4096, 1.5e-4, 2000, 200, 0.05)
+
+
+def test_features_are_the_normed_cls_token_of_the_whole_image(tmp_path, monkeypatch):
+    """Evaluated features (docstring; C main_linprobe.py): the encoder's cls-token output after its final LayerNorm,
+    with every patch of the un-masked image in place: token 0 of norm(blocks([cls + pos_0, embed(patches) + pos]))."""
+    cfg = tiny(mae.Config, tmp_path, max_steps=1, probe_epochs=0, **SMALL_DECODER)
+    model, features, data = evaluation_inputs(mae, cfg, monkeypatch)
+    x = data.test[0][:4]  # uint8 (4, 3, 32, 32)
+    patches = mae.patchify(common.normalize(common.to_float(x)), 4)  # (4, 64, 48): all 64 patches
+    cls = (model.cls_token + model.pos_embed[0]).expand(4, 1, -1)
+    with torch.no_grad():
+        tokens = torch.cat([cls, model.patch_embed(patches) + model.pos_embed[1:]], 1)  # (4, 65, 64)
+        torch.testing.assert_close(features(x), model.norm(model.blocks(tokens))[:, 0])
+
+
+def test_monitor_runs_every_eval_every_epochs_and_encoder_pt_is_the_whole_encoder(tmp_path):
+    """eval_every counts epochs: 3 epochs of 8 steps with eval_every=2 run the monitor (and its PNG) at random
+    initialisation and after epoch 2 (step 16) only; the end has its own. encoder.pt is the encoder as trained:
+    every parameter but the decoder's and the mask token (patch embedding, cls token, blocks, final norm)."""
+    cfg = tiny(mae.Config, tmp_path, epochs=3, eval_every=2, probe_epochs=0, **SMALL_DECODER)
+    with few_test_images():
+        mae.train(cfg)
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert [r["step"] for r in log if "knn_top1" in r] == [0, 16]
+    pngs = sorted(f for f in os.listdir(cfg.out_dir) if f.endswith(".png"))
+    assert pngs == ["reconstruction_epoch0.png", "reconstruction_epoch2.png", "reconstruction_final.png"]
+    encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)
+    trained = {k: v for k, v in load_ckpt(cfg)["model"].items() if not k.startswith(("decoder", "mask_token"))}
+    assert {"norm.weight", "norm.bias", "cls_token", "patch_embed.weight"} <= set(encoder)
+    assert encoder.keys() == trained.keys() and all(torch.equal(v, trained[k]) for k, v in encoder.items())

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, tiny
+from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, few_test_images, tiny
 
 import common
 import rotnet
@@ -167,6 +167,58 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert_nan_stops_the_run(rotnet, "rotation_loss", monkeypatch, tmp_path)
+
+
+def test_training_shows_every_image_in_all_four_rotations(tmp_path, monkeypatch):
+    """Paper Sec. 3.1 (and the docstring): each image of the batch appears in all four rotations in the same step,
+    rows k*B .. k*B + B - 1 labelled k: the batch of 64 images is one of 256 rotated images, the classes balanced."""
+    seen, real_loss = [], rotnet.rotation_loss
+
+    def loss(logits, labels):
+        seen.append(labels)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(rotnet, "rotation_loss", loss)
+    with few_test_images():
+        rotnet.train(tiny(rotnet.Config, tmp_path, max_steps=1, probe_epochs=0))
+    assert seen[0].tolist() == [0] * 64 + [1] * 64 + [2] * 64 + [3] * 64
+
+
+def test_training_follows_the_step_schedule_from_the_lr_of_its_images(tmp_path):
+    """train() runs step_lr (lr / 5 after 30%, 60% and 80% of the steps, paper Sec. 3.1) from the base lr scaled by
+    the images, not their rotated copies: 0.2 * 64 / 256 = 0.05. One epoch of 8 steps: drops at steps 3, 5 and 7."""
+    cfg = tiny(rotnet.Config, tmp_path, probe_epochs=0)
+    with few_test_images():
+        rotnet.train(cfg)
+    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    lrs = {r["step"]: r["lr"] for r in log if "loss" in r}  # the record after step s holds the lr of step s - 1
+    assert lrs == pytest.approx({1: 0.05, 2: 0.05, 4: 0.01, 6: 0.002, 8: 0.0004})
+
+
+def test_mid_evaluations_read_the_pooled_intermediate_block(tmp_path, monkeypatch):
+    """The docstring's evaluated features: knn/probe/linear_top1 on the pooled trunk output (tiny: 128-d), the *_mid
+    ones on the pooled intermediate block (tiny: its third conv, the first 9 modules, 64-d), in that order."""
+    calls = []
+    monkeypatch.setattr(common, "evaluate", lambda model, features, *a, **k: calls.append((model, features))
+                        or {"knn_top1": 0.0, "probe_top1": None, "linear_top1": None})
+    with few_test_images():
+        rotnet.train(tiny(rotnet.Config, tmp_path, max_steps=1, probe_epochs=0))
+    (model, features), (_, mid) = calls
+    x = common.make_synthetic(4, 32, seed=5)[0]  # (4, 3, 32, 32) uint8
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(features(x), model.backbone(common.normalize(common.to_float(x))))
+        torch.testing.assert_close(mid(x), model.backbone[:9](common.normalize(common.to_float(x))).mean((2, 3)))
+
+
+def test_nin_mid_features_are_block_2_pooled():
+    """The paper's NIN features are best at block 2 (Table 1; the official Conv2_feats config), which ends in the
+    average pool. Blocks 3 and 4 are 192 wide too: only the values tell which block is read."""
+    torch.manual_seed(0)
+    model = rotnet.RotNet("nin", True, 4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.mid_features(x), model.backbone[:2](x).mean((2, 3)))
 
 
 # ------------------------------------------------------------------------------------- learning

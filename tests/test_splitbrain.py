@@ -203,3 +203,30 @@ def test_pretext_metrics_of_a_perfect_predictor(tmp_path):
 
     got = splitbrain.pretext_metrics(Oracle(), data, bins, 50, rt, 32)
     assert not truth and got == {"ab_top1": 1.0, "l_top1": 1.0}
+
+
+def test_defaults_are_the_documented_recipe():
+    """P Sec. 4.1: ab bins of grid 10 and 50 L bins of width 2; the rest colorization.py's (the docstring): Adam 1e-3
+    per 256 images, L2 1e-3, batch 256, 200 epochs, square crops of 50-100% of the area, annealed-mean T 0.38."""
+    cfg = splitbrain.Config()
+    assert (cfg.grid, cfg.l_bins, cfg.temperature, cfg.crop_min) == (10.0, 50, 0.38, 0.5)
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-3, 1e-3, 256, 200)
+
+
+def test_png_rows_are_the_inputs_the_two_predictions_and_the_truth(tmp_path):
+    """save_predictions' rows: L (ab = 0), ab (at L = 50), L -> ab (true L, predicted ab), ab -> L (predicted L, true
+    ab), the image. A model that predicts grey (all mass on the bin at ab = (0, 0)) and uniform L bins (annealed mean
+    50, the mean of the bin centres) paints row 3 as row 1 and row 4 as row 2."""
+    bins = common.ab_bins(10.0)
+
+    class Stub(torch.nn.Module):
+        def forward(self, x):
+            ab = ((bins == 0).all(1).float() * 1e4).view(1, -1, 1, 1).expand(len(x), -1, 8, 8)
+            return ab, torch.zeros(len(x), 50, 8, 8)
+
+    x = common.make_synthetic(4, 32, seed=3)[0]
+    splitbrain.save_predictions(Stub(), x, bins, 50, 0.38, 32, str(tmp_path / "p.png"))
+    png = torchvision.io.read_image(str(tmp_path / "p.png")).int()  # 5 rows of 4 images of 32 px, 2 px padding
+    rows = [png[:, 2 + 34 * r:34 * (r + 1), 2:34 * 4] for r in range(5)]
+    assert (rows[2] - rows[0]).abs().max() <= 1 and (rows[3] - rows[1]).abs().max() <= 1
+    assert (rows[4][:, :, :32] - x[0].int()).abs().max() <= 1 and (rows[4] - rows[0]).abs().max() > 1
