@@ -79,14 +79,17 @@ def test_linear_eval_sees_other_crops_each_epoch_and_with_another_seed(tmp_path)
     assert not any(torch.equal(c, x[:256]) for c in run)  # crops, not the images
 
 
-def test_linear_eval_lr_drops_at_60_and_80_percent(tmp_path, monkeypatch):
+def test_linear_eval_lr_is_per_256_images_and_drops_at_60_and_80_percent(tmp_path, monkeypatch):
+    """lr is given per 256 images (the linear scaling rule: batches of 64 train at a quarter of it), dropped 10x at
+    60% and again at 80% of the epochs."""
     data, rt = colour_data(tmp_path, n_train=256, n_test=64)
     net = frozen_backbone().eval()
-    lrs = []
     real_set_lr = common.set_lr
-    monkeypatch.setattr(common, "set_lr", lambda opt, lr, **kw: lrs.append(lr) or real_set_lr(opt, lr, **kw))
-    common.linear_eval(lambda x: net(common.to_float(x)), data, rt, epochs=10, lr=0.1)
-    assert lrs == pytest.approx([0.1] * 6 + [0.01] * 2 + [0.001] * 2)
+    for batch_size, epochs, expected in [(256, 10, [0.1] * 6 + [0.01] * 2 + [0.001] * 2), (64, 1, [0.025])]:
+        lrs = []
+        monkeypatch.setattr(common, "set_lr", lambda opt, lr, **kw: lrs.append(lr) or real_set_lr(opt, lr, **kw))
+        common.linear_eval(lambda x: net(common.to_float(x)), data, rt, epochs=epochs, batch_size=batch_size, lr=0.1)
+        assert lrs == pytest.approx(expected), batch_size
 
 
 def test_evaluate_names_and_nulls(tmp_path, capsys):
@@ -106,17 +109,6 @@ def test_smoke_run_with_one_linear_epoch_writes_all_three(tmp_path):
     saved = json.load(open(os.path.join(cfg.out_dir, "results.json")))
     assert all(isinstance(saved[k], float) and 0 <= saved[k] <= 1 for k in ("knn_top1", "probe_top1", "linear_top1"))
     assert saved == results
-
-
-def test_linear_eval_lr_is_per_256_images(tmp_path, monkeypatch):
-    """lr is given per 256 images (the linear scaling rule): batches of 64 train at a quarter of it."""
-    data, rt = colour_data(tmp_path, n_train=256, n_test=64)
-    net = frozen_backbone().eval()
-    lrs = []
-    real_set_lr = common.set_lr
-    monkeypatch.setattr(common, "set_lr", lambda opt, lr, **kw: lrs.append(lr) or real_set_lr(opt, lr, **kw))
-    common.linear_eval(lambda x: net(common.to_float(x)), data, rt, epochs=1, batch_size=64, lr=0.1)
-    assert lrs == pytest.approx([0.025])
 
 
 def test_knn_votes_among_the_training_images_not_their_flips(tmp_path, monkeypatch):
