@@ -229,6 +229,19 @@ def test_the_network_reads_one_channel_and_predicts_at_quarter_resolution():
     assert big.backbone.conv1.kernel_size == (7, 7) and big(torch.randn(1, 1, 96, 96)).shape == (1, 229, 24, 24)
 
 
+def test_the_logits_are_resized_bilinearly():
+    """The trunk's 4 x 4 logits reach the 8 x 8 grid by bilinear resizing (align_corners=False): logit (1, 1) is
+    9/16 of low (0, 0), 3/16 of (0, 1) and of (1, 0), 1/16 of (1, 1); not nearest's 2 x 2 blocks of copies."""
+    torch.manual_seed(0)
+    model, x = common.PixelClassifier("tiny", True, 1, 8).eval(), torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        low = model.classify(model.mix(torch.nn.Sequential(*list(model.backbone.children())[:-2])(x)))  # (1, 8, 4, 4)
+        out = model(x)
+    want = (9 * low[..., 0, 0] + 3 * low[..., 0, 1] + 3 * low[..., 1, 0] + low[..., 1, 1]) / 16
+    assert out.shape == (1, 8, 8, 8)
+    torch.testing.assert_close(out[..., 1, 1], want)
+
+
 def test_features_take_uint8_images_at_the_data_size_and_see_them_at_image_size(tmp_path, monkeypatch):
     """The evaluated trunk reads the L channel of the images at image_size."""
     assert_features_see_image_size(colorization, tmp_path, monkeypatch,

@@ -71,6 +71,64 @@ def test_config_is_read_only():
         simclr.Config().lr = 2.0
 
 
+def test_parse_config_bool_words():
+    """A bool reads true/yes/1 and false/no/0 in any case, and a bare --key is true."""
+    for word, value in [("true", True), ("Yes", True), ("1", True), ("false", False), ("NO", False), ("0", False)]:
+        assert parse([f"--blur={word}"]).blur is value, word
+    assert parse(["--blur"]).blur is True
+
+
+@pytest.mark.parametrize("key, lowest, below", [
+    ("batch_size", "1", "0"), ("epochs", "1", "0"), ("lr", "1e-09", "0.0"), ("image_size", "8", "7"),
+    ("linear_epochs", "-1", "-2"), ("log_every", "1", "0"), ("weight_decay", "0.0", "-0.5")])
+def test_check_config_at_each_limit(key, lowest, below, capsys):
+    """Each shared rule at its edge: the lowest allowed value passes, the next one below exits 2 naming the key."""
+    assert str(getattr(parse([f"--{key}={lowest}"]), key)) == lowest
+    with pytest.raises(SystemExit):
+        parse([f"--{key}={below}"])
+    assert f"--{key}={below} is impossible" in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_refused(monkeypatch, capsys):
+    """--device=cuda where torch sees no CUDA GPU exits 2 before any work, not at the first tensor."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        parse(["--device=cuda"])
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_an_uncaught_run_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """After parse_config, an uncaught RunError (the input's fault) prints `error: ...` only; any other exception
+    reaches the previous hook (the traceback)."""
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args))
+    parse([])
+    sys.excepthook(common.RunError, common.RunError("no data"), None)
+    assert capsys.readouterr().err == "error: no data\n" and seen == []
+    bug = ZeroDivisionError("x")
+    sys.excepthook(ZeroDivisionError, bug, None)
+    assert seen == [(ZeroDivisionError, bug, None)]
+
+
+def test_setup_precision_compile_and_seed(tmp_path):
+    """On the CPU dtype and compile "auto" mean float32 and no compile; bfloat16 and compile=TRUE (any case) are
+    taken as asked; the seed seeds torch's generator (the initial weights)."""
+    rt = common.setup(tiny(simclr.Config, tmp_path))
+    assert (rt.dtype, rt.compile) == (torch.float32, False)
+    rt = common.setup(tiny(simclr.Config, tmp_path, dtype="bfloat16", compile="TRUE", seed=7))
+    drawn = torch.rand(3)
+    torch.manual_seed(7)
+    assert (rt.dtype, rt.compile) == (torch.bfloat16, True) and torch.equal(drawn, torch.rand(3))
+    assert common.setup(tiny(simclr.Config, tmp_path, compile="false")).compile is False
+
+
+def test_config_json_holds_every_setting(tmp_path):
+    """out_dir/config.json is the whole Config (the run folder reproduces itself), not a part of it."""
+    cfg = tiny(simclr.Config, tmp_path, seed=3)
+    common.setup(cfg)
+    assert json.load(open(os.path.join(cfg.out_dir, "config.json"))) == dataclasses.asdict(cfg)
+
+
 # ----------------------------------------------------------------------------------------- colour
 
 
@@ -218,6 +276,29 @@ def test_gaussian_blur_kernel_sizes():
         assert (y[0, 0] > 0).any(0).sum() == taps == (y[0, 0] > 0).any(1).sum(), (side, kernel)
 
 
+def test_color_jitter_factors_are_never_negative_for_a_strength_above_1(images):
+    """A strength s > 1 draws factors in [max(0, 1 - s), 1 + s] (torchvision's range), never below 0: a negative
+    factor would black an image out (brightness), invert it around its grey (contrast) or invert each pixel's
+    colour around the pixel's grey (saturation). Each output must still vary with its input, the same way."""
+    torch.manual_seed(0)
+    image_mean, pixel_mean = (lambda x: x.mean((1, 2, 3), keepdim=True)), (lambda x: x.mean(1, keepdim=True))
+    for k, centre in enumerate([image_mean, image_mean, pixel_mean]):  # brightness, contrast, saturation
+        y = common.color_jitter(images, *[2.0 if i == k else 0 for i in range(3)], 0)
+        assert ((y - centre(y)) * (images - centre(images))).sum((1, 2, 3)).min() > 0, k
+
+
+def test_random_grayscale_is_torchvisions_luma(images):
+    """p=1: every image becomes torchvision's rgb_to_grayscale (ITU-R 601 luma) in its three channels."""
+    torch.testing.assert_close(common.random_grayscale(images, 1.0), TF.rgb_to_grayscale(images, 3))
+
+
+def test_resize_antialiases_when_it_shrinks():
+    """A 1-pixel checkerboard shrunk 3x averages to grey (antialiasing); plain bilinear would sample single
+    pixels, 0s and 1s (aliasing)."""
+    board = ((torch.arange(12).view(-1, 1) + torch.arange(12)) % 2).float().expand(1, 3, 12, 12)
+    assert (common.resize(board, 4) - 0.5).abs().max() < 0.05
+
+
 # ----------------------------------------------------------------------------------------- models
 
 
@@ -232,6 +313,14 @@ def test_resnet_cifar_stem_loads_into_torchvision():
     torch.testing.assert_close(tv(x), net(x))
     tiny_net, w = common.resnet("tiny")
     assert tiny_net(torch.randn(2, 3, 32, 32)).shape == (2, w)
+
+
+def test_tiny_trunk_is_four_convs_ending_at_an_eighth_of_the_side():
+    """tiny (the CPU runs of tests/results_cpu.md): 3x3 convs of 16, 32, 64, 128 channels at strides 1, 2, 2, 2 with
+    BN: 9 (3*16 + 16*32 + 32*64 + 64*128) + 2 (16 + 32 + 64 + 128) = 97,680 parameters; 32 px -> 4 x 4 x 128."""
+    net, width = common.resnet("tiny")
+    assert width == 128 and sum(p.numel() for p in net.parameters()) == 97_680
+    assert net[:-2](torch.randn(2, 3, 32, 32)).shape == (2, 128, 4, 4)
 
 
 # ---------------------------------------------------------------------------------- optimization
@@ -472,6 +561,55 @@ def test_steps_draw_other_random_numbers_in_each_epoch(tmp_path):
     assert not torch.equal(draws[0], draws[2]) and not torch.equal(draws[1], draws[3])
 
 
+def test_ssl_data_replaces_only_the_default_data_dir(tmp_path, monkeypatch):
+    """$SSL_DATA stands in for --data_dir's default ./data; a --data_dir given explicitly wins over it."""
+    x, y = np.zeros((20, 8, 8, 3), np.uint8), np.arange(20) % 10
+    for folder, n in (("env", 20), ("given", 10)):
+        os.makedirs(tmp_path / folder)
+        np.savez(tmp_path / folder / "cifar10.npz", x_train=x[:n], y_train=y[:n], x_test=x[:5], y_test=y[:5])
+    monkeypatch.setenv("SSL_DATA", str(tmp_path / "env"))
+    for data_dir, n in (("./data", 20), (str(tmp_path / "given"), 10)):
+        cfg = tiny(simclr.Config, tmp_path, dataset="cifar10", data_dir=data_dir, subset=0, batch_size=5)
+        assert len(common.load_data(cfg, common.setup(cfg)).labels("train")) == n, data_dir
+
+
+def test_stl10_pretrains_on_its_training_then_unlabeled_images(tmp_path, monkeypatch):
+    """STL-10's SSL protocol: the pretraining images are the 10 labelled training images then the 20 unlabeled
+    ones, all with label -1, subset=N keeping the first N of those; train keeps its labels; STL-10's class names."""
+    x, y = np.random.default_rng(0).integers(0, 255, (30, 8, 8, 3), dtype=np.uint8), np.arange(30) % 10
+    np.savez(tmp_path / "stl10.npz", x_train=x[:10], y_train=y[:10], x_test=x[:5], y_test=y[:5], x_unlabeled=x[10:])
+    monkeypatch.delenv("SSL_DATA", raising=False)
+    for subset, n in ((0, 30), (15, 15)):
+        cfg = tiny(simclr.Config, tmp_path, dataset="stl10", data_dir=str(tmp_path), subset=subset, batch_size=5)
+        data = common.load_data(cfg, common.setup(cfg))
+        assert torch.equal(data.pretrain[0], torch.from_numpy(x[:n]).permute(0, 3, 1, 2))
+        assert data.labels("pretrain").tolist() == [-1] * n and data.labels("train").tolist() == y[:10].tolist()
+    assert data.classes == common.CLASS_NAMES["stl10"]
+
+
+def test_class_names_come_from_the_npz_else_are_the_label_numbers(tmp_path, monkeypatch):
+    """cifar100 has no names here: those the download wrote into its .npz, else "0" to the largest label."""
+    x, y = np.zeros((20, 8, 8, 3), np.uint8), np.arange(20) % 4
+    monkeypatch.delenv("SSL_DATA", raising=False)
+    for names in (["apple", "bee", "cup", "dog"], None):
+        np.savez(tmp_path / "cifar100.npz", x_train=x, y_train=y, x_test=x, y_test=y,
+                 **({"classes": np.array(names)} if names else {}))
+        cfg = tiny(simclr.Config, tmp_path, dataset="cifar100", data_dir=str(tmp_path), subset=0, batch_size=5)
+        assert common.load_data(cfg, common.setup(cfg)).classes == (names or ["0", "1", "2", "3"])
+
+
+def test_eval_batches_of_chosen_rows_keep_their_order_and_are_shared_out():
+    """eval_batches(split, b, rows) yields the images `rows` (not the whole split) in that order, b at a time;
+    with 2 processes each takes its contiguous share of them: 3 and 2 of 5."""
+    x, y = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(-1, 3, 2, 2), torch.arange(8)
+    rows = torch.tensor([6, 1, 4, 0, 3])
+    for rank, want in ((0, [[6, 1], [4]]), (1, [[0, 3]])):
+        rt = common.Runtime(rank, 2, torch.device("cpu"), torch.float32, False)
+        data = common.Data("8", (x, y), (x, y), (x, y), ["a"], rt, 2, 0)
+        got = [(xb[:, 0, 0, 0].tolist(), yb.tolist()) for xb, yb in data.eval_batches("test", 2, rows)]
+        assert got == [(w, w) for w in want], rank
+
+
 # ------------------------------------------------------------------------------------ bookkeeping
 
 
@@ -512,6 +650,24 @@ def test_resume_refuses_another_seed_and_allows_more_steps(tmp_path):
     with pytest.raises(common.RunError, match="seed=0"):
         common.load_checkpoint(dataclasses.replace(cfg, seed=1), rt)
     assert common.load_checkpoint(dataclasses.replace(cfg, max_steps=9), rt)["step"] == 3
+
+
+def test_load_checkpoint_is_none_without_resume_or_before_the_first_checkpoint(tmp_path, capsys):
+    """--resume before any checkpoint: None and a note (the run starts from scratch); without --resume: None
+    even with a checkpoint there."""
+    cfg = tiny(simclr.Config, tmp_path, resume=True)
+    rt = common.setup(cfg)
+    assert common.load_checkpoint(cfg, rt) is None and "resume: no checkpoint at" in capsys.readouterr().out
+    common.save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {"config": dataclasses.asdict(cfg), "step": 3}, rt)
+    assert common.load_checkpoint(dataclasses.replace(cfg, resume=False), rt) is None
+
+
+def test_write_results_on_the_cpu_writes_exactly_the_results(tmp_path):
+    """results.json holds the results as given, None as null, and no GPU memory entry on the CPU."""
+    cfg = tiny(simclr.Config, tmp_path)
+    results = {"knn_top1": 0.5, "probe_top1": None, "steps": 3}
+    common.write_results(dict(results), cfg, common.setup(cfg))
+    assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results
 
 
 def test_save_image_grid(tmp_path):

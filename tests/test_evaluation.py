@@ -122,3 +122,30 @@ def test_knn_votes_among_the_training_images_not_their_flips(tmp_path, monkeypat
     net.eval()  # evaluate handed it back in training mode
     with torch.no_grad():
         torch.testing.assert_close(seen[0], features(data.train[0]))
+
+
+def test_linear_eval_batch_is_at_most_the_training_set(tmp_path, monkeypatch):
+    """Fewer training images (128) than batch_size (256): a batch is the whole set, one step per epoch at lr
+    0.1 * 128 / 256, on crops of all 128 images (a batch of 256 would take no step at all)."""
+    data, rt = colour_data(tmp_path, n_train=128, n_test=64)
+    net, lrs, seen = frozen_backbone().eval(), [], []
+    real_set_lr = common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr, **kw: lrs.append(lr) or real_set_lr(opt, lr, **kw))
+    common.linear_eval(lambda x: seen.append(len(x)) or net(common.to_float(x)), data, rt, epochs=1, lr=0.1)
+    assert lrs == pytest.approx([0.05]) and seen == [64, 128]  # the 64 test images, then one chunk of crops
+
+
+def test_evaluate_runs_100_linear_epochs_on_cuda_for_minus_1(monkeypatch):
+    """linear_epochs=-1 means the standard 100 epochs on a CUDA device (none on the CPU): the call evaluate makes,
+    with the feature extraction and kNN stubbed (no GPU needed)."""
+    asked = []
+    monkeypatch.setattr(common, "extract_features", lambda *a, **k: (torch.eye(4), torch.arange(4)))
+    monkeypatch.setattr(common, "knn_accuracy", lambda *args: 0.5)
+    monkeypatch.setattr(common, "linear_eval", lambda features, data, rt, epochs=0: asked.append(epochs) or 0.7)
+
+    class Data:
+        labels = staticmethod(lambda split: torch.arange(4))
+
+    rt = common.Runtime(0, 1, torch.device("cuda"), torch.float32, False)
+    assert common.evaluate(nn.Linear(2, 2), None, Data(), rt, linear_epochs=-1)["linear_top1"] == 0.7
+    assert asked == [100]

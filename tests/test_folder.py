@@ -40,6 +40,34 @@ def test_a_subset_is_drawn_from_every_class_and_is_the_same_each_time(tmp_path):
     assert torch.equal(data.labels("pretrain"), data.labels("train"))
 
 
+def test_pretraining_images_are_decoded_at_8_7_of_image_size(tmp_path):
+    """Room for random crops: pretraining images are decoded at round(image_size * 8 / 7), 73 px for 64 and 37 for
+    32 (the 28 of the other tests gives 32, as would 28 + 4); train and val at image_size."""
+    tree = make_tree(tmp_path / "tree", classes=2, images=2)
+    for size, big in ((64, 73), (32, 37)):
+        cfg = tiny(simclr.Config, tmp_path, dataset="folder", data_dir=str(tree), image_size=size, batch_size=2,
+                   subset=0)
+        data = common.load_data(cfg, common.setup(cfg))
+        assert data.pretrain[0][0].shape == (3, big, big), size
+        assert data.train[0][0].shape == data.test[0][0].shape == (3, size, size)
+
+
+def test_train_and_val_with_as_many_but_other_classes_is_a_clear_error(tmp_path):
+    """The same number of class folders is not enough: their names must match, or label 1 would mean two things."""
+    tree = make_tree(tmp_path / "tree", classes=2, images=2)
+    os.rename(tree / "val" / "class1", tree / "val" / "classX")
+    with pytest.raises(common.RunError, match="only in train: class1; only in val: classX"):
+        load(tmp_path, tree)
+
+
+def test_a_subset_depends_on_the_seed_and_leaves_val_whole(tmp_path):
+    """subset=N draws N training images with cfg.seed (another seed, another draw); val keeps all its images."""
+    tree = make_tree(tmp_path / "tree", classes=3, images=6)
+    a, b = load(tmp_path, tree, subset=6), load(tmp_path, tree, subset=6, seed=1)
+    assert [path for path, _ in a.train.items] != [path for path, _ in b.train.items]
+    assert len(a.labels("test")) == 18
+
+
 def test_a_stray_file_is_not_a_class(tmp_path):
     tree = make_tree(tmp_path / "tree", classes=2, images=3)
     for split in ("train", "val"):

@@ -100,3 +100,33 @@ def test_a_record_at_each_epochs_end(tmp_path):
     for step in range(8):
         log.step(step, loss=torch.tensor(1.0))
     assert logged_steps(cfg) == [1, 3, 6, 8]
+
+
+def test_records_of_a_resumed_run_count_its_own_steps(tmp_path, monkeypatch):
+    """A run resumed at step 10 of 20 (5 steps per epoch, batch 64), its steps 2 s apart: each record holds the
+    epoch done, 64 images per 2 s over the steps since the last record, the ETA of the steps left at that pace;
+    images_per_second() counts this run's 5 steps in its 10 s only."""
+    clock = iter(range(0, 100, 2))  # what time.time() says at each call: 0, 2, 4, ...
+
+    class Clock:
+        time = staticmethod(lambda: next(clock))
+
+    cfg = tiny(simclr.Config, tmp_path, log_every=5)
+    rt = common.setup(cfg)
+    monkeypatch.setattr(common, "time", Clock)
+    log = common.Logger(cfg, rt, steps_per_epoch=5, start_step=10, stop_step=20)  # t = 0
+    for step in range(10, 15):  # t = 2, 4, ..., 10: records after steps 11 (the first) and 15 (log_every)
+        log.step(step, loss=torch.tensor(1.0))
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    assert [(r["step"], r["epoch"], r["images_per_second"], r["eta_seconds"]) for r in records] == [
+        (11, 2.2, 32.0, 18), (15, 3.0, 32.0, 10)]
+    assert log.images_per_second() == 32
+
+
+def test_the_cpu_note_comes_once(tmp_path, capsys):
+    """A GPU recipe on the CPU: "note: at this speed ..." after its first step only, not with every line."""
+    cfg = tiny(simclr.Config, tmp_path, arch="resnet18", log_every=1)
+    log = common.Logger(cfg, common.setup(cfg), steps_per_epoch=10, start_step=0, stop_step=10)
+    for step in range(3):
+        log.step(step, loss=torch.tensor(1.0))
+    assert capsys.readouterr().out.count("note: at this speed") == 1
