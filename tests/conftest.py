@@ -81,6 +81,12 @@ def cifar10_dir():
     return root
 
 
+def read_log(cfg, steps=False):
+    """The records of out_dir/log.jsonl; with steps, only the training steps' (those with a loss)."""
+    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    return [r for r in records if "loss" in r] if steps else records
+
+
 def load_ckpt(cfg):
     return torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
 
@@ -127,7 +133,7 @@ def learning_run(module, tmp_path, probe_epochs=0, test_images=0, **overrides):
         results = module.train(cfg)
     finally:
         common.evaluate, common.load_data = real_evaluate, real_load
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     init = next(r for r in log if r["step"] == 0)
     # the training records every log_every steps (the first step's record, and any written because 30 s passed,
     # are left out: at step 1 MoCo's queue still holds random keys, and the step includes compilation)
@@ -176,9 +182,18 @@ def assert_warmup_then_cosine(module, tmp_path, **overrides):
     cfg = tiny(module.Config, tmp_path, subset=128, batch_size=32, epochs=3, warmup_epochs=1, max_steps=6,
                log_every=1, probe_epochs=0, **overrides)
     module.train(cfg)
-    lrs = [json.loads(line)["lr"] for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
+    lrs = [r["lr"] for r in read_log(cfg, steps=True)]
     lr = cfg.lr * 32 / 256
     assert lrs == pytest.approx([0, lr / 4, lr / 2, 3 * lr / 4, lr, lr * (1 + math.cos(math.pi / 8)) / 2])
+
+
+def assert_each_image_or_its_mirror(views, images, **tolerance):
+    """Each view (64 of them) is its image or the image mirrored left-right, and 17 to 47 are mirrored: a flip
+    with probability 1/2. Compared exactly, or with torch.allclose(**tolerance)."""
+    close = (lambda a, b: torch.allclose(a, b, **tolerance)) if tolerance else torch.equal
+    same = [close(v, x) for v, x in zip(views, images, strict=True)]
+    mirrored = [close(v, x.flip(-1)) for v, x in zip(views, images)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
 
 
 def assert_features_see_image_size(module, tmp_path, monkeypatch, expected):
@@ -210,7 +225,7 @@ def assert_smoke_run(module, tmp_path, extra_keys=(), **overrides):
     assert results["method"] == module.__name__
     assert all(0 <= results[k] <= 1 for k in ("knn_top1", "probe_top1", "linear_top1")), results
     assert json.load(open(os.path.join(cfg.out_dir, "results.json"))) == results
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
     assert steps and steps[-1]["step"] == results["steps"]
     assert all({"loss", "lr", "images_per_second", "eta_seconds"} <= set(r) for r in steps)

@@ -1,9 +1,7 @@
 """barlow.py: the loss against hand computation and its identities, the 2-process equality and the
 official code's 2-process step, the recipe's optimizer and blur, and the training loop's contract on CPU."""
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, read_log, tiny)
 
 import barlow
 import common
@@ -143,7 +141,7 @@ def test_config_rejects_impossible_values():
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(barlow, tmp_path, **FAST)
     assert results["steps"] == 16
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert all(0 < r["z_std"] <= 1 and math.isfinite(r["loss"]) for r in steps)
@@ -188,7 +186,7 @@ def test_training_minimizes_the_scaled_loss_of_asymmetric_views_down_to_the_fina
     cfg = tiny(barlow.Config, tmp_path, subset=96, batch_size=32, final_lr_ratio=0.5, log_every=1, probe_epochs=0,
                **FAST)  # 3 steps, no warmup
     barlow.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
+    log = read_log(cfg, steps=True)
     assert views == [dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2)] * 3
     assert [r["loss"] for r in log] == pytest.approx([0.1 * loss.item() for loss in losses], rel=1e-6)
     lr = cfg.lr * cfg.batch_size / 256

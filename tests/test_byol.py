@@ -1,14 +1,12 @@
 """byol.py: the loss against hand computation, the target network (no gradient, EMA only, its
 schedule), and the training loop's contract on CPU."""
 
-import json
-import os
 
 import pytest
 import torch
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, read_log, tiny)
 
 import byol
 import common
@@ -109,7 +107,7 @@ def initial_weights(cfg):
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(byol, tmp_path, extra_keys=("z_std",), proj_hidden=64)
     assert results["steps"] == 16 and 0 < results["z_std"] < 1
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
     assert all(0 <= r["loss"] <= 8 and "z_std" in r and cfg.tau_base <= r["tau"] < 1 for r in steps)
     # the target is checkpointed; it has left its initial weights but lags behind the online network

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, read_log, tiny)
 
 import clip
 import common
@@ -109,7 +109,7 @@ def test_logit_scale_starts_at_1_over_0_07_and_gets_its_gradient():
 def test_logit_scale_is_clamped_at_100_after_the_step(tmp_path):
     cfg = tiny(clip.Config, tmp_path, init_temperature=0.005, max_steps=2, probe_epochs=0, log_every=1, **TEXT)
     clip.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert log[0]["logit_scale"] == pytest.approx(200, rel=1e-5)  # step 1 used the initial 1/0.005
     assert log[1]["logit_scale"] == pytest.approx(100, rel=1e-6)  # step 2 the clamped one
     assert load_ckpt(cfg)["model"]["log_logit_scale"].item() <= math.log(100) + 1e-6  # clamped after the last step too
@@ -198,7 +198,7 @@ def test_tsv_caption_file_trains_a_few_steps(tmp_path):
     cfg = tiny(clip.Config, tmp_path, captions=str(tmp_path / "pairs.tsv"), subset=24, batch_size=8, epochs=2,
                max_steps=4, log_every=1, **TEXT)
     results = clip.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
     assert results["steps"] == 4 and 0 <= results["zero_shot_top1"] <= 1  # zero-shot on --dataset's test set
 
@@ -229,7 +229,7 @@ def test_stl10_classes_demo_pretrains_on_the_labelled_images_only(tmp_path):
     cfg = tiny(clip.Config, tmp_path, dataset="stl10", data_dir=str(tmp_path), subset=0, batch_size=16, max_steps=2,
                probe_epochs=0, **TEXT)
     clip.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert log[1]["step"] == 2 and log[1]["epoch"] == 0.5  # 64 / 16 = 4 steps per epoch, not (64 + 256) / 16
 
 
@@ -239,7 +239,7 @@ def test_stl10_classes_demo_pretrains_on_the_labelled_images_only(tmp_path):
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(clip, tmp_path, extra_keys=("zero_shot_top1", "logit_scale"), **TEXT)
     assert results["steps"] == 16 and 0 <= results["zero_shot_top1"] <= 1
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert any("zero_shot_top1" in r and r.get("epoch") == 1 for r in log)  # zero-shot monitor after epoch 1
     assert all("logit_scale" in r for r in log if "loss" in r)
 

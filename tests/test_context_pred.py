@@ -1,15 +1,13 @@
 """context_pred.py: patch pairs and their position labels, the colour projection, the per-patch normalization,
 late fusion, and the training loop's contract on CPU."""
 
-import json
 import math
-import os
 
 import pytest
 import torch
 
-from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, tiny)
+from conftest import (assert_each_image_or_its_mirror, assert_features_see_image_size, assert_nan_stops_the_run,
+                      assert_resumes_exactly, assert_smoke_run, read_log, tiny)
 
 import context_pred
 
@@ -137,9 +135,7 @@ def test_context_view_flips_about_half_the_images_before_the_grid(tmp_path, monk
     x = (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8)
     context_pred.context_view(x, tiny(context_pred.Config, tmp_path, **SMALL))
     plain = x.float() / 255
-    same = [torch.equal(o, p) for o, p in zip(seen[0], plain)]
-    mirrored = [torch.equal(o, p.flip(-1)) for o, p in zip(seen[0], plain)]
-    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+    assert_each_image_or_its_mirror(seen[0], plain)
 
 
 def test_context_view_shapes(tmp_path):
@@ -183,7 +179,7 @@ def test_config_checks():
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(context_pred, tmp_path, extra_keys=("pretext_top1",), **SMALL)
     assert results["steps"] == 16 and 0 <= results["pretext_top1"] <= 1
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert all("pretext_acc" in r for r in log if "loss" in r)
     assert any("pretext_top1" in r and r.get("epoch") == 1 for r in log)
 

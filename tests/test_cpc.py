@@ -2,7 +2,6 @@
 computation, per-patch augmentation, 2-process equality, and the training loop's contract on CPU."""
 
 import dataclasses
-import json
 import math
 import os
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, evaluation_inputs,
-                      few_test_images, load_ckpt, tiny)
+                      few_test_images, load_ckpt, read_log, tiny)
 
 import common
 import cpc
@@ -219,7 +218,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(dist_scripts):
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(cpc, tmp_path, **FAST)
     assert results["steps"] == 16
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert "acc" in log[1] and log[0]["step"] == 0  # log[0]: the monitor at random initialisation
 
@@ -292,7 +291,7 @@ def test_run_warms_up_over_warmup_epochs_and_saves_the_patch_encoder_alone(tmp_p
     cfg = tiny(cpc.Config, tmp_path, epochs=2, warmup_epochs=1, max_steps=8, probe_epochs=0, **FAST)
     with few_test_images():
         cpc.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     lrs = {r["step"]: r["lr"] for r in log if "loss" in r}
     assert lrs == pytest.approx({s: 5e-5 * (s - 1) / 8 for s in (1, 2, 4, 6, 8)})
     encoder = torch.load(os.path.join(cfg.out_dir, "encoder.pt"), weights_only=True)

@@ -2,7 +2,6 @@
 losses against hand computation, the lr rule, the alternating D / F steps (only with the adversarial
 loss), the model's pieces, and the training loop's contract on CPU in both recipes."""
 
-import json
 import math
 import os
 
@@ -14,7 +13,7 @@ import torchvision
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, few_test_images, load_ckpt,
-                      tiny)
+                      read_log, tiny)
 
 import common
 import inpainting
@@ -333,7 +332,7 @@ def test_logged_loss_is_the_weighted_sum_of_l2_and_adversarial(smoke_features, s
     """The joint loss (paper Sec. 3.2; official wtl2 = 0.999): every step's loss is (1 - adv_weight) rec +
     adv_weight adv, here 0.999 rec + 0.001 adv; with L2 alone it is rec."""
     for (cfg, _, _, _), weight in [(smoke_joint, 0.001), (smoke_features, 0.0)]:
-        steps = [r for r in map(json.loads, open(os.path.join(cfg.out_dir, "log.jsonl"))) if "loss" in r]
+        steps = read_log(cfg, steps=True)
         assert len(steps) > 3 and cfg.adv_weight == weight
         for r in steps:
             assert r["loss"] == pytest.approx((1 - weight) * r["rec"] + weight * r.get("adv", 0.0), rel=1e-6)
@@ -390,7 +389,7 @@ def test_f_lr_is_ten_times_d_lr_under_the_joint_loss_only(smoke_features, smoke_
 def test_smoke_run_writes_log_ckpt_results_and_pictures(recipe, smoke_features, smoke_joint):
     cfg, results, _, _ = smoke_features if recipe == "features" else smoke_joint
     assert results["steps"] == 16 and 0 < results["hole_mse"] and 0 < results["hole_mse_mean_fill"] < 1
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
     ckpt = set(load_ckpt(cfg))
     if recipe == "joint":  # both players logged and saved

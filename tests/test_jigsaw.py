@@ -2,15 +2,13 @@
 loop's contract on CPU."""
 
 import itertools
-import json
 import math
-import os
 
 import pytest
 import torch
 
-from conftest import (assert_features_see_image_size, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, few_test_images, tiny)
+from conftest import (assert_each_image_or_its_mirror, assert_features_see_image_size, assert_nan_stops_the_run,
+                      assert_resumes_exactly, assert_smoke_run, few_test_images, read_log, tiny)
 
 import jigsaw
 
@@ -164,9 +162,7 @@ def test_jigsaw_view_flips_about_half_the_images(tmp_path, monkeypatch):
     x = (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8)
     jigsaw.jigsaw_view(x, jigsaw.make_permutations(cfg.n_perms, 0), cfg)
     plain = x.float() / 255
-    same = [torch.allclose(o, p, atol=1e-5) for o, p in zip(seen[0], plain)]
-    mirrored = [torch.allclose(o, p.flip(-1), atol=1e-5) for o, p in zip(seen[0], plain)]
-    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+    assert_each_image_or_its_mirror(seen[0], plain, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- model, loss
@@ -205,7 +201,7 @@ def test_config_checks():
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(jigsaw, tmp_path, extra_keys=("pretext_top1",), **SMALL)
     assert results["steps"] == 16 and results["n_perms"] == 100 and 0 <= results["pretext_top1"] <= 1
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert all("pretext_acc" in r for r in log if "loss" in r)
     assert any("pretext_top1" in r and r.get("epoch") == 1 for r in log)
 

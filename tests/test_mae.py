@@ -1,6 +1,5 @@
 """mae.py: patches, masking, the loss against hand computation, and the training loop's contract on CPU."""
 
-import json
 import os
 
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import (assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, evaluation_inputs,
-                      few_test_images, load_ckpt, tiny)
+                      few_test_images, load_ckpt, read_log, tiny)
 
 import common
 import mae
@@ -190,7 +189,7 @@ def test_config_rejects_impossible_values(tmp_path):
 def test_smoke_run_writes_log_ckpt_results_and_pngs(tmp_path):
     cfg, results = assert_smoke_run(mae, tmp_path, **SMALL_DECODER)
     assert results["steps"] == 16
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     for name in ("reconstruction_epoch1.png", "reconstruction_final.png"):
         png = torchvision.io.read_image(os.path.join(cfg.out_dir, name))
@@ -251,7 +250,7 @@ def test_monitor_runs_every_eval_every_epochs_and_encoder_pt_is_the_whole_encode
     cfg = tiny(mae.Config, tmp_path, epochs=3, eval_every=2, probe_epochs=0, **SMALL_DECODER)
     with few_test_images():
         mae.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert [r["step"] for r in log if "knn_top1" in r] == [0, 16]
     pngs = sorted(f for f in os.listdir(cfg.out_dir) if f.endswith(".png"))
     assert pngs == ["reconstruction_epoch0.png", "reconstruction_epoch2.png", "reconstruction_final.png"]

@@ -2,9 +2,7 @@
 training loop's contract on CPU."""
 
 import dataclasses
-import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, load_ckpt, tiny)
+                      assert_smoke_run, load_ckpt, read_log, tiny)
 
 import common
 import moco
@@ -240,7 +238,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(moco, tmp_path, extra_keys=("version",))
     assert results["steps"] == 16 and results["version"] == 2 and results["mlp"] is True
     assert "head.0.weight" in load_ckpt(cfg)["model"]  # the default: v2's MLP head
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert {"z_std", "pos_cos"} <= set(log[1])  # log[0]: the monitor at random initialisation
     state = load_ckpt(cfg)
@@ -296,7 +294,7 @@ def test_a_symmetric_step_sums_both_losses_of_unit_queries_at_the_scaled_lr(tmp_
     monkeypatch.setattr(moco, "moco_loss", recording)
     cfg = tiny(moco.Config, tmp_path, subset=128, symmetric=True, queue_size=128, max_steps=1, probe_epochs=0)
     moco.train(cfg)
-    (record,) = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line]
+    (record,) = read_log(cfg, steps=True)
     assert len(seen) == 2 and all(torch.allclose(q.norm(dim=1), torch.ones(len(q))) for q, _ in seen)
     assert record["loss"] == pytest.approx(seen[0][1] + seen[1][1], rel=1e-6)
     assert record["lr"] == pytest.approx(cfg.lr * cfg.batch_size / 256)  # no warmup: the base lr at step 0

@@ -1,21 +1,19 @@
 """A run speaks at once: a progress line after the first step and at least every PROGRESS_SECONDS, the
 evaluations' progress, and a notice when a GPU recipe runs on the CPU."""
 
-import json
-import os
 import time
 
 import pytest
 import torch
 
-from conftest import first_test_images, tiny
+from conftest import first_test_images, read_log, tiny
 
 import common
 import simclr
 
 
 def logged_steps(cfg):
-    return [r["step"] for r in map(json.loads, open(os.path.join(cfg.out_dir, "log.jsonl"))) if "loss" in r]
+    return [r["step"] for r in read_log(cfg, steps=True)]
 
 
 def test_progress_after_the_first_step_then_every_log_every_steps(tmp_path):
@@ -117,7 +115,7 @@ def test_records_of_a_resumed_run_count_its_own_steps(tmp_path, monkeypatch):
     log = common.Logger(cfg, rt, steps_per_epoch=5, start_step=10, stop_step=20)  # t = 0
     for step in range(10, 15):  # t = 2, 4, ..., 10: records after steps 11 (the first) and 15 (log_every)
         log.step(step, loss=torch.tensor(1.0))
-    records = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    records = read_log(cfg)
     assert [(r["step"], r["epoch"], r["images_per_second"], r["eta_seconds"]) for r in records] == [
         (11, 2.2, 32.0, 18), (15, 3.0, 32.0, 10)]
     assert log.images_per_second() == 32

@@ -1,7 +1,6 @@
 """rotnet.py: rotations and their labels, the crop augmentation, the backbones, and the training loop's
 contract on CPU."""
 
-import json
 import math
 import os
 
@@ -10,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_nan_stops_the_run, assert_resumes_exactly, assert_smoke_run, few_test_images, tiny
+from conftest import (assert_each_image_or_its_mirror, assert_nan_stops_the_run, assert_resumes_exactly,
+                      assert_smoke_run, few_test_images, read_log, tiny)
 
 import common
 import rotnet
@@ -72,9 +72,7 @@ def test_rotnet_view_flips_about_half_the_images(tmp_path):
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     out = rotnet.rotnet_view(x, tiny(rotnet.Config, tmp_path, crop_pad=0))
     plain = common.normalize(common.to_float(x))
-    same = [torch.allclose(o, p) for o, p in zip(out, plain)]
-    mirrored = [torch.allclose(o, p.flip(-1)) for o, p in zip(out, plain)]
-    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+    assert_each_image_or_its_mirror(out, plain, rtol=1e-5, atol=1e-8)
 
 
 def test_rotation_accuracy_shows_the_four_rotations_equally_often():
@@ -155,7 +153,7 @@ def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(rotnet, tmp_path, extra_keys=("pretext_top1", *mid_keys))
     assert results["steps"] == 16 and results["mid_features"] == "conv3"
     assert all(0 <= results[k] <= 1 for k in ("pretext_top1", *mid_keys)), results
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert all("pretext_acc" in r for r in log if "loss" in r)
     assert any("pretext_top1" in r and r.get("epoch") == 1 for r in log)  # the monitor reports rotation accuracy too
     assert os.path.exists(os.path.join(cfg.out_dir, "encoder.pt"))
@@ -190,7 +188,7 @@ def test_training_follows_the_step_schedule_from_the_lr_of_its_images(tmp_path):
     cfg = tiny(rotnet.Config, tmp_path, probe_epochs=0)
     with few_test_images():
         rotnet.train(cfg)
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     lrs = {r["step"]: r["lr"] for r in log if "loss" in r}  # the record after step s holds the lr of step s - 1
     assert lrs == pytest.approx({1: 0.05, 2: 0.05, 4: 0.01, 6: 0.002, 8: 0.0004})
 

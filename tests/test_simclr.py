@@ -1,6 +1,5 @@
 """simclr.py: the loss against hand computation, and the training loop's contract on CPU."""
 
-import json
 import math
 import os
 
@@ -11,7 +10,8 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, assert_warmup_then_cosine, cifar10_dir, first_test_images, load_ckpt, tiny)
+                      assert_smoke_run, assert_warmup_then_cosine, cifar10_dir, first_test_images, load_ckpt, read_log,
+                      tiny)
 
 import common
 import simclr
@@ -77,7 +77,7 @@ def test_training_loss_is_the_official_objective(tmp_path, monkeypatch):
                         lambda z1, z2, T: seen.append((z1.detach(), z2.detach())) or real(z1, z2, T))
     cfg = tiny(simclr.Config, tmp_path, max_steps=1, probe_epochs=0, log_every=1)
     simclr.train(cfg)
-    logged = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl")) if '"loss"' in line][0]["loss"]
+    logged = read_log(cfg, steps=True)[0]["loss"]
     z1, z2 = seen[0]
     assert logged == pytest.approx(official_objective(z1, z2, cfg.temperature).item(), rel=1e-5)
     assert logged == pytest.approx(2 * real(z1, z2, cfg.temperature).item(), rel=1e-5)
@@ -89,7 +89,7 @@ def test_training_loss_is_the_official_objective(tmp_path, monkeypatch):
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(simclr, tmp_path)
     assert results["steps"] == 16
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 4, 6, 8, 10, 12, 14, 16]  # the first step, then every 2
     assert "z_std" in log[1] and log[0]["step"] == 0  # log[0]: the monitor at random initialisation
 
@@ -118,7 +118,7 @@ def test_bfloat16_autocast_on_cpu(tmp_path):
 def test_compiled_run_checkpoint_loads_into_plain_model(tmp_path):
     cfg = tiny(simclr.Config, tmp_path, compile="true", max_steps=2, probe_epochs=0)
     simclr.train(cfg)
-    state = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)
+    state = load_ckpt(cfg)
     assert not any("_orig_mod" in k for k in state["model"])
     simclr.SimCLR("tiny", True, cfg.proj_dim).load_state_dict(state["model"])  # strict: no renaming
 
@@ -175,7 +175,7 @@ def test_lars_lr_is_scaled_by_the_batch_and_spares_biases_and_bn(tmp_path):
     the trust ratio on weights only, not on biases and BN (C lars_optimizer.py's exclusions)."""
     cfg = tiny(simclr.Config, tmp_path, subset=64, batch_size=32, max_steps=1, probe_epochs=0)
     simclr.train(cfg)
-    opt = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["opt"]
+    opt = load_ckpt(cfg)["opt"]
     groups = {g["name"]: g for g in opt["param_groups"]}
     assert groups["weights"]["lr"] == groups["biases"]["lr"] == pytest.approx(cfg.lr * 32 / 256)  # no warmup: step 0
     assert groups["weights"]["weight_decay"] == cfg.weight_decay and not groups["weights"]["lars_exclude"]

@@ -1,16 +1,14 @@
 """simsiam.py: the loss against hand computation, the stop-gradient, the fixed predictor lr, and
 the training loop's contract on CPU."""
 
-import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, read_log, tiny)
 
 import common
 import simsiam
@@ -86,7 +84,7 @@ def test_predictor_lr_stays_fixed_in_training_while_the_rest_decays(tmp_path):
     encoder, predictor = load_ckpt(cfg)["opt"]["param_groups"]
     assert predictor["lr"] == lr
     assert encoder["lr"] == pytest.approx(common.cosine_lr(7, 8, 0, lr)) and encoder["lr"] < 0.1 * lr
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     lrs = [r["lr"] for r in log if "lr" in r]
     assert lrs[0] > lrs[-1]  # the logged (scheduled) lr decays
 
@@ -97,7 +95,7 @@ def test_predictor_lr_stays_fixed_in_training_while_the_rest_decays(tmp_path):
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(simsiam, tmp_path, extra_keys=("z_std",), **SMALL)
     assert results["steps"] == 16 and 0 < results["z_std"] < 1
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
     assert all(-1 <= r["loss"] <= 1 and "z_std" in r for r in steps)
 

@@ -2,9 +2,7 @@
 queue in the training loop, the 2-process equality, the recipe's views and optimizer, and the loop's
 contract on CPU."""
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from conftest import (assert_features_and_encoder_are_the_backbone, assert_nan_stops_the_run, assert_resumes_exactly,
-                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, tiny)
+                      assert_smoke_run, assert_warmup_then_cosine, load_ckpt, read_log, tiny)
 
 import common
 import swav
@@ -248,7 +246,7 @@ FEATURES = dict(n_small_crops=2, queue_size=128, queue_start_epoch=1)  # multi-c
 def test_smoke_run_writes_log_ckpt_results(tmp_path):
     cfg, results = assert_smoke_run(swav, tmp_path, **FEATURES)
     assert results["steps"] == 16
-    log = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "log.jsonl"))]
+    log = read_log(cfg)
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 4, 6, 8, 10, 12, 14, 16]
     assert all(0 < r["z_std"] <= 1 and math.isfinite(r["loss"]) for r in steps)
